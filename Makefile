@@ -1,0 +1,29 @@
+# Every target installs what it needs into .venv first; nothing outside the repo is touched.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+HOST ?= 0.0.0.0
+PORT ?= 30080
+WORKERS ?=
+PYTEST_FLAGS ?= -q
+
+.PHONY: install run test demo bench bench-deps soak clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+run: install  ## start the router; workers from WORKERS="http://gpu1:10090 http://gpu2:10090"
+	$(PY) diffusion_router.py --host $(HOST) --port $(PORT) $(if $(strip $(WORKERS)),--worker-urls $(WORKERS))
+
+test: install  ## run the test suite
+	$(PY) -m pytest $(PYTEST_FLAGS) test_diffusion_router.py
+
+demo: install  ## two stand-in workers, the router, the README's example requests; stops all it started
+	$(PY) examples/demo.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache __pycache__ examples/__pycache__

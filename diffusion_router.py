@@ -1,0 +1,1356 @@
+"""Load-balance image and video generation requests across sglang-diffusion workers.
+
+One file, two dependencies (aiohttp, click). Copy it onto a GPU node and run::
+
+    python diffusion_router.py --worker-urls http://gpu1:10090 http://gpu2:10090
+
+Endpoints of the router itself (everything else is forwarded to a worker):
+
+    POST /generate                    -> a worker's POST /v1/images/generations
+    POST /generate_video              -> a worker's POST /v1/videos (async job)
+    GET  /health                      router health (200 with >= 1 available worker, else 503)
+    GET  /health_workers              per-worker state, load and last health error
+    POST /add_worker                  register a worker (?url= / ?worker_url= / {"url": ...})
+    POST /remove_worker               unregister a worker; in-flight requests finish
+    GET  /list_workers                {"urls": [...]}
+    POST|GET /workers, GET|PUT|DELETE /workers/{worker_id}    REST form of the above
+    POST /update_weights_from_disk    broadcast to every available worker, resync the others
+    POST /release_memory_occupation   sleep every worker;  POST /resume_memory_occupation  wake
+    POST /v1/set_lora, /v1/merge_lora_weights, /v1/unmerge_lora_weights   broadcast
+    POST /get_weights_checksum        ask every worker, say whether they agree
+    GET  /v1/models                   models of every available worker, merged
+    GET  /v1/videos                   video jobs of every worker, merged
+    GET|DELETE /v1/videos/{id}[/content], GET /v1/images/{id}/content   sent to the owner
+    *    /{path}                      any other request -> the chosen worker, same path and query
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ipaddress
+import itertools
+import json
+import logging
+import random
+import re
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import click
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+__version__ = "0.1.0"
+
+log = logging.getLogger("diffusion_router")
+
+MiB = 1 << 20
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Every setting of the router, with its default."""
+
+    host: str = "0.0.0.0"
+    port: int = 30080
+    worker_urls: tuple[str, ...] = ()
+    max_connections: int = 100
+    timeout: float | None = None  # a worker's queue may hold a request for minutes: wait by default
+    connect_timeout: float = 5.0
+    retries: int = 2
+    health_check_interval: float = 10.0
+    health_check_timeout: float = 5.0
+    health_check_failure_threshold: int = 3
+    health_check_success_threshold: int = 2
+    auto_recover: bool = True
+    routing_algorithm: str = "least-request"
+    max_request_size: int = 256 * MiB
+    max_tracked_jobs: int = 100_000
+    shutdown_timeout: float = 30.0
+    verbose: bool = False
+
+
+# --------------------------------------------------------------------------------------------
+# Worker pool
+# --------------------------------------------------------------------------------------------
+
+HEALTHY, QUARANTINED, SYNCING = "healthy", "quarantined", "syncing"
+
+IMAGE, VIDEO = "image", "video"
+TASK_KINDS = {
+    **dict.fromkeys(("T2I", "I2I", "TI2I"), IMAGE),
+    **dict.fromkeys(("T2V", "I2V", "TI2V", "V2V", "F2V"), VIDEO),
+}
+
+
+class WorkerURLError(ValueError):
+    """A worker URL that cannot be registered."""
+
+
+# Names and addresses that reach a cloud provider's instance metadata service, never a worker.
+METADATA_HOSTS = frozenset({
+    "metadata", "metadata.google.internal", "metadata.goog", "instance-data",
+    "instance-data.ec2.internal", "metadata.azure.com", "metadata.packet.net",
+    "metadata.platformequinix.com", "metadata.tencentyun.com", "100.100.100.200",
+})
+METADATA_NETWORKS = (
+    ipaddress.ip_network("169.254.0.0/16"),  # IPv4 link-local, home of 169.254.169.254
+    ipaddress.ip_network("fe80::/10"),  # IPv6 link-local
+    ipaddress.ip_network("fd00:ec2::/32"),  # AWS IMDS over IPv6
+    ipaddress.ip_network("100.100.100.200/32"),  # Alibaba Cloud metadata
+)
+
+
+def parse_host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """Return the IP a host literal denotes, decimal, octal and hex IPv4 forms included."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        try:  # inet_aton reads the legacy forms curl and browsers accept: 2852039166, 0xa9fea9fe
+            addr = ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        return addr.ipv4_mapped
+    return addr
+
+
+def normalize_worker_url(raw: Any, allowed_hosts: Sequence[Any] = ()) -> str:
+    """Return the canonical form of a worker URL, or raise WorkerURLError saying what is wrong."""
+    if not isinstance(raw, str) or not raw.strip():
+        raise WorkerURLError("worker url must be a non-empty string")
+    raw = raw.strip()
+    try:
+        url = URL(raw)
+    except (ValueError, TypeError) as exc:
+        raise WorkerURLError(f"invalid worker url {raw!r}: {exc}") from None
+    scheme = (url.scheme or "").lower()
+    if scheme not in ("http", "https"):
+        raise WorkerURLError(f"worker url {raw!r} must start with http:// or https://")
+    if not url.host:
+        raise WorkerURLError(f"worker url {raw!r} has no host")
+    if url.user is not None or url.password is not None:
+        raise WorkerURLError(f"worker url {raw!r} must not carry credentials")
+    if url.raw_path not in ("", "/") or url.raw_query_string or url.raw_fragment or raw.endswith(("?", "#")):
+        raise WorkerURLError(f"worker url {raw!r} must not have a path, query or fragment")
+    try:
+        port = url.port
+    except ValueError as exc:
+        raise WorkerURLError(f"worker url {raw!r} has an invalid port: {exc}") from None
+    host = url.host.lower().rstrip(".")
+    addr = parse_host_address(host)
+    if host in METADATA_HOSTS or (addr is not None and any(addr in net for net in METADATA_NETWORKS)):
+        raise WorkerURLError(f"worker url {raw!r} points at a link-local or cloud metadata address")
+    if allowed_hosts and not host_allowed(host, addr, allowed_hosts):
+        raise WorkerURLError(f"worker host {host!r} is not in --allowed-worker-hosts")
+    default_port = 443 if scheme == "https" else 80
+    return str(URL.build(scheme=scheme, host=host, port=None if port == default_port else port))
+
+
+def host_allowed(host: str, addr: Any, allowed: Sequence[Any]) -> bool:
+    """Tell whether a host matches one of the allowed names, addresses or networks."""
+    for entry in allowed:
+        if isinstance(entry, str):
+            if host == entry:
+                return True
+        elif addr is not None and addr.version == entry.version and addr in entry:
+            return True
+    return False
+
+
+@dataclass(eq=False)
+class Worker:
+    """One upstream worker: its address, its state and its load."""
+
+    url: str
+    state: str = HEALTHY
+    sleeping: bool = False
+    task_type: str | None = None
+    weight_version: int = 0
+    active_requests: int = 0
+    last_picked: int = 0
+    consecutive_failures: int = 0
+    consecutive_successes: int = 0
+    last_error: str | None = None
+    last_checked: float | None = None
+    out_reason: str | None = None
+    removed: bool = False
+
+    @property
+    def available(self) -> bool:
+        """Tell whether the worker may take new generation requests."""
+        return self.state == HEALTHY and not self.sleeping and not self.removed
+
+    @property
+    def reachable(self) -> bool:
+        """Tell whether the worker may be asked for something it already holds (jobs, files)."""
+        return self.state != QUARANTINED and not self.removed
+
+    def serves(self, kind: str | None) -> bool:
+        """Tell whether the worker's model can serve an image or video request."""
+        worker_kind = TASK_KINDS.get(self.task_type or "")
+        return kind is None or self.task_type is None or worker_kind == kind
+
+    @property
+    def display_state(self) -> str:
+        return "sleeping" if self.sleeping and self.state == HEALTHY else self.state
+
+    def describe(self) -> dict[str, Any]:
+        """Return the worker as /health_workers shows it."""
+        return {
+            "url": self.url,
+            "state": self.display_state,
+            "available": self.available,
+            "quarantined": self.state == QUARANTINED,
+            "sleeping": self.sleeping,
+            "active_requests": self.active_requests,
+            "consecutive_failures": self.consecutive_failures,
+            "consecutive_successes": self.consecutive_successes,
+            "weight_version": self.weight_version,
+            "task_type": self.task_type,
+            "out_reason": self.out_reason,
+            "last_error": self.last_error,
+            "last_checked": self.last_checked,
+        }
+
+
+@dataclass
+class WeightUpdate:
+    """The body of the last weight update that succeeded, replayed to workers that missed it."""
+
+    version: int
+    body: bytes
+    content_type: str
+    model_path: str | None
+
+
+class WorkerPool:
+    """The registered workers, their leases, the job ids they own and the weights they hold."""
+
+    def __init__(self, config: RouterConfig):
+        self.config = config
+        self.workers: dict[str, Worker] = {}
+        self.policy = POLICIES[config.routing_algorithm]()
+        self.pick_counter = itertools.count(1)
+        self.job_owner: collections.OrderedDict[str, Worker] = collections.OrderedDict()
+        self.orphaned_jobs: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self.weights: WeightUpdate | None = None
+        self.weight_lock = asyncio.Lock()
+        self.updates_idle = asyncio.Event()
+        self.updates_idle.set()
+
+    @property
+    def weight_version(self) -> int:
+        return self.weights.version if self.weights else 0
+
+    # registration ---------------------------------------------------------------------------
+
+    def add(self, url: str) -> tuple[Worker, bool]:
+        """Register a normalised URL; return its worker and whether it is new."""
+        worker = self.workers.get(url)
+        if worker is not None:
+            return worker, False
+        worker = self.workers[url] = Worker(url=url)  # version 0: it holds none of our updates
+        log.info("worker %s added", url)
+        return worker, True
+
+    def remove(self, url: str) -> Worker | None:
+        """Unregister a worker; its in-flight requests finish, its job ids are forgotten."""
+        worker = self.workers.pop(url, None)
+        if worker is None:
+            return None
+        worker.removed = True
+        for job_id in [j for j, owner in self.job_owner.items() if owner is worker]:
+            del self.job_owner[job_id]
+            self.remember_orphan(job_id, url)
+        log.info("worker %s removed (%d requests still in flight)", url, worker.active_requests)
+        return worker
+
+    def by_url(self, url: str) -> Worker | None:
+        return self.workers.get(url)
+
+    def available(self, kind: str | None = None) -> list[Worker]:
+        """Return the workers that may take a new request of this kind."""
+        return [w for w in self.workers.values() if w.available and w.serves(kind)]
+
+    # selection and leases -------------------------------------------------------------------
+
+    def pick(self, kind: str | None, exclude: Iterable[Worker] = ()) -> Worker | None:
+        """Choose a worker for a new request with the configured policy, or None."""
+        excluded = set(exclude)
+        candidates = [w for w in self.workers.values() if w.available and w.serves(kind) and w not in excluded]
+        return self.policy(candidates) if candidates else None
+
+    @contextlib.contextmanager
+    def lease(self, worker: Worker):
+        """Count one in-flight request on the worker for as long as the block runs."""
+        worker.active_requests += 1
+        worker.last_picked = next(self.pick_counter)
+        try:
+            yield worker
+        finally:
+            worker.active_requests -= 1
+            if worker.active_requests < 0:  # a bug, never clamp it away
+                log.error("worker %s in-flight count went negative", worker.url)
+                raise AssertionError(f"in-flight count of {worker.url} went negative")
+
+    # health bookkeeping (probes and proxied requests both record here) -----------------------
+
+    def record_success(self, worker: Worker) -> bool:
+        """Note a good probe; return True when a quarantined worker may now come back."""
+        worker.consecutive_failures = 0
+        worker.last_error = None
+        worker.last_checked = time.time()
+        if worker.state != QUARANTINED:
+            return False
+        worker.consecutive_successes += 1
+        return self.config.auto_recover and worker.consecutive_successes >= self.config.health_check_success_threshold
+
+    def record_failure(self, worker: Worker, reason: str, *, fatal: bool = False) -> None:
+        """Note a failed probe or unreachable worker; quarantine it at the threshold."""
+        worker.consecutive_failures += 1
+        worker.consecutive_successes = 0
+        worker.last_error = reason
+        worker.last_checked = time.time()
+        threshold = self.config.health_check_failure_threshold
+        if worker.state != QUARANTINED and (fatal or worker.consecutive_failures >= threshold):
+            worker.state = QUARANTINED
+            worker.out_reason = reason
+            log.warning("worker %s quarantined: %s", worker.url, reason)
+
+    def set_state(self, worker: Worker, state: str, reason: str | None = None) -> None:
+        """Move a worker to a state, logging only real changes."""
+        if worker.state != state:
+            log.info("worker %s %s -> %s%s", worker.url, worker.state, state, f": {reason}" if reason else "")
+        worker.state = state
+        worker.out_reason = reason
+        if state != QUARANTINED:
+            worker.consecutive_successes = 0
+
+    # sticky job ids -------------------------------------------------------------------------
+
+    def remember_jobs(self, worker: Worker, job_ids: Iterable[str]) -> None:
+        """Record which worker owns each job or file id, dropping the oldest past the bound."""
+        for job_id in job_ids:
+            self.job_owner[job_id] = worker
+            self.job_owner.move_to_end(job_id)
+            self.orphaned_jobs.pop(job_id, None)
+        while len(self.job_owner) > self.config.max_tracked_jobs:
+            self.job_owner.popitem(last=False)
+
+    def remember_orphan(self, job_id: str, url: str) -> None:
+        self.orphaned_jobs[job_id] = url
+        while len(self.orphaned_jobs) > self.config.max_tracked_jobs:
+            self.orphaned_jobs.popitem(last=False)
+
+    def forget_job(self, job_id: str) -> None:
+        self.job_owner.pop(job_id, None)
+
+
+# --------------------------------------------------------------------------------------------
+# Selection policies: each takes the non-empty candidate list and returns one worker
+# --------------------------------------------------------------------------------------------
+
+Policy = Callable[[Sequence[Worker]], Worker]
+
+
+def least_request() -> Policy:
+    """Pick the worker with the fewest in-flight requests; ties go to the least recently picked."""
+    return lambda candidates: min(candidates, key=lambda w: (w.active_requests, w.last_picked))
+
+
+def round_robin() -> Policy:
+    """Pick the candidates in turn."""
+    counter = itertools.count()
+    return lambda candidates: candidates[next(counter) % len(candidates)]
+
+
+def random_choice() -> Policy:
+    """Pick a candidate uniformly at random."""
+    return random.choice
+
+
+POLICIES: dict[str, Callable[[], Policy]] = {
+    "least-request": least_request,
+    "round-robin": round_robin,
+    "random": random_choice,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Forwarding
+# --------------------------------------------------------------------------------------------
+
+CONFIG = web.AppKey("config", RouterConfig)
+POOL = web.AppKey("pool", WorkerPool)
+SESSION = web.AppKey("session", aiohttp.ClientSession)
+PROBE_SESSION = web.AppKey("probe_session", aiohttp.ClientSession)
+TASKS = web.AppKey("tasks", set)
+
+# RFC 9110 section 7.6.1: connection-specific headers never travel past one hop.
+HOP_BY_HOP = frozenset({
+    "connection", "proxy-connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+    "te", "trailer", "trailers", "transfer-encoding", "upgrade",
+})
+# aiohttp sets these for the new hop itself.
+REQUEST_DROP = HOP_BY_HOP | {"host", "content-length"}
+RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+
+FORWARDED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+SMALL_BODY = 256 * 1024  # bodies up to this size are read whole: one write, and retries stay possible
+SMALL_RESPONSE = 256 * 1024
+READ_CHUNK = 256 * 1024
+
+# Failures where nothing reached the worker: safe to send the request to another one.
+DIAL_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+class ProxyError(Exception):
+    """A failure the router answers itself with a JSON error."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def json_error(status: int, message: str, **extra: Any) -> web.Response:
+    """Return the router's own error response."""
+    return web.json_response({"error": message, **extra}, status=status)
+
+
+def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """Copy headers without hop-by-hop ones, nor any header the Connection header names."""
+    connection = headers.get("connection")
+    if connection:
+        drop = drop | {name.strip().lower() for name in connection.split(",")}
+    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+
+
+def upstream_headers(request: web.Request) -> CIMultiDict[str]:
+    """Return the headers to send to a worker: the client's, minus hop-by-hop, plus X-Forwarded-*."""
+    headers = filter_headers(request.headers, REQUEST_DROP)
+    peer = request.remote or ""
+    prior = headers.get("X-Forwarded-For")
+    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
+    headers.setdefault("X-Forwarded-Proto", request.scheme)
+    if request.host:
+        headers.setdefault("X-Forwarded-Host", request.host)
+    return headers
+
+
+class RequestBody:
+    """The client's request body: bytes when small, else a stream that can be sent once."""
+
+    def __init__(self, request: web.Request, data: bytes | None):
+        self.request = request
+        self.data = data
+        self.started = False
+        self.received = 0
+        self.too_large = False
+
+    @classmethod
+    async def read(cls, request: web.Request, limit: int) -> RequestBody:
+        """Read a small body whole; leave a large or unsized one to be streamed."""
+        length = request.content_length
+        if length is not None and length > limit:
+            raise ProxyError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
+        if not request.body_exists:
+            return cls(request, None)
+        if length is not None and length <= SMALL_BODY:
+            return cls(request, await request.read())
+        return cls(request, None)
+
+    @property
+    def retryable(self) -> bool:
+        """Tell whether the body can still be sent to another worker."""
+        return self.data is not None or not self.started
+
+    def payload(self, limit: int) -> Any:
+        """Return what to pass as the client request's data."""
+        if self.data is not None or not self.request.body_exists:
+            return self.data
+        return self._stream(limit)
+
+    async def _stream(self, limit: int):
+        self.started = True
+        async for chunk in self.request.content.iter_chunked(READ_CHUNK):
+            self.received += len(chunk)
+            if self.received > limit:
+                self.too_large = True
+                raise ProxyError(413, f"request body exceeds the limit of {limit} bytes")
+            yield chunk
+
+
+def worker_url(worker: Worker, path_qs: str) -> URL:
+    return URL(worker.url + path_qs, encoded=True)
+
+
+async def proxy(
+    request: web.Request,
+    *,
+    path_qs: str | None = None,
+    kind: str | None = None,
+    worker: Worker | None = None,
+    on_response: Callable[[WorkerPool, Worker, bytes], None] | None = None,
+) -> web.StreamResponse:
+    """Forward a request to one worker (chosen, or the one given) and stream the answer back."""
+    app = request.app
+    config, pool = app[CONFIG], app[POOL]
+    if request.method not in FORWARDED_METHODS:
+        return json_error(405, f"method {request.method} is not supported")
+    try:
+        body = await RequestBody.read(request, config.max_request_size)
+    except ProxyError as exc:
+        return json_error(exc.status, exc.message)
+    if path_qs is None:
+        path_qs = request.rel_url.raw_path_qs
+    if worker is None and not pool.updates_idle.is_set():
+        await pool.updates_idle.wait()  # hold new work until a weight update has reached every worker
+    tried: list[Worker] = []
+    last_error = "no worker available"
+    for _ in range(config.retries + 1):
+        target = worker or pool.pick(kind, exclude=tried)
+        if target is None:
+            break
+        tried.append(target)
+        with pool.lease(target):
+            try:
+                return await forward(request, target, path_qs, body, on_response)
+            except DIAL_ERRORS as exc:
+                last_error = f"worker {target.url} unreachable: {exc}"
+                log.warning("%s %s: %s", request.method, path_qs, last_error)
+                pool.record_failure(target, last_error, fatal=is_refused(exc))
+                if worker is not None or not body.retryable:
+                    return json_error(502, last_error)
+            except ProxyError as exc:
+                return json_error(exc.status, exc.message)
+    if tried:
+        return json_error(502, last_error)
+    return no_worker_error(pool, kind)
+
+
+def is_refused(exc: Exception) -> bool:
+    """Tell whether a dial error means the worker's port is closed (the process is not serving)."""
+    return isinstance(getattr(exc, "os_error", None), ConnectionRefusedError)
+
+
+def no_worker_error(pool: WorkerPool, kind: str | None) -> web.Response:
+    """Explain why no worker can take a request."""
+    live = [w for w in pool.workers.values() if w.state == HEALTHY and not w.removed]
+    if live and all(w.sleeping for w in live):
+        return json_error(503, "every worker is asleep; POST /resume_memory_occupation to wake them")
+    if kind is not None and live and not any(w.serves(kind) for w in live):
+        types = sorted({w.task_type or "unknown" for w in live})
+        return json_error(400, f"no worker can serve {kind} requests (worker task types: {', '.join(types)})")
+    return json_error(503, "no available worker")
+
+
+async def forward(
+    request: web.Request,
+    worker: Worker,
+    path_qs: str,
+    body: RequestBody,
+    on_response: Callable[[WorkerPool, Worker, bytes], None] | None,
+) -> web.StreamResponse:
+    """Send one request to one worker and relay its answer; raise DIAL_ERRORS if it was not sent."""
+    config, pool = request.app[CONFIG], request.app[POOL]
+    headers = upstream_headers(request)
+    if body.data is None and request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)  # stream with the client's framing
+    version = worker.weight_version
+    try:
+        upstream = await request.app[SESSION].request(
+            request.method,
+            worker_url(worker, path_qs),
+            headers=headers,
+            data=body.payload(config.max_request_size),
+            allow_redirects=False,  # a redirect is the client's to follow, not ours
+        )
+    except DIAL_ERRORS:
+        raise
+    except ProxyError:
+        raise
+    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        log.warning("worker %s timed out on %s %s: %r", worker.url, request.method, path_qs, exc)
+        raise ProxyError(504, f"worker {worker.url} timed out") from None
+    except aiohttp.ClientError as exc:
+        if body.too_large:
+            raise ProxyError(413, f"request body exceeds the limit of {config.max_request_size} bytes") from None
+        log.warning("worker %s failed on %s %s: %r", worker.url, request.method, path_qs, exc)
+        pool.record_failure(worker, f"request failed: {exc!r}")
+        raise ProxyError(502, f"worker {worker.url} failed: {exc.__class__.__name__}") from None
+    async with upstream:
+        return await relay(request, upstream, worker, version, on_response)
+
+
+async def relay(
+    request: web.Request,
+    upstream: aiohttp.ClientResponse,
+    worker: Worker,
+    version: int,
+    on_response: Callable[[WorkerPool, Worker, bytes], None] | None,
+) -> web.StreamResponse:
+    """Copy the worker's answer to the client: whole when small, streamed otherwise."""
+    headers = filter_headers(upstream.headers, RESPONSE_DROP)
+    headers["X-Weight-Version"] = str(version)
+    length = upstream.content_length
+    if length is not None and length <= SMALL_RESPONSE and request.method != "HEAD":
+        try:
+            data = await upstream.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            return broken_before_headers(request, worker, exc)
+        if on_response is not None and 200 <= upstream.status < 300:
+            on_response(request.app[POOL], worker, data)  # small answers only: ids live in job records
+        return web.Response(status=upstream.status, reason=upstream.reason, body=data, headers=headers)
+    if length is not None:
+        headers["Content-Length"] = str(length)
+    response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+    await response.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            await response.write(chunk)
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
+        if isinstance(exc, ConnectionResetError):  # the client went away: nothing left to tell it
+            log.info("client left during %s %s from %s", request.method, request.path, worker.url)
+        else:
+            log.warning("worker %s broke off %s %s: %r", worker.url, request.method, request.path, exc)
+            request.app[POOL].record_failure(worker, f"broken response: {exc!r}")
+        # Too late for an error response: cut the connection so the client sees a short transfer.
+        if request.transport is not None:
+            request.transport.abort()
+        return response
+    await response.write_eof()
+    return response
+
+
+def broken_before_headers(request: web.Request, worker: Worker, exc: BaseException) -> web.Response:
+    """Answer a worker that broke off before the router sent any of its response."""
+    if isinstance(exc, asyncio.TimeoutError):
+        log.warning("worker %s timed out on %s %s", worker.url, request.method, request.path)
+        return json_error(504, f"worker {worker.url} timed out")
+    log.warning("worker %s broke off %s %s: %r", worker.url, request.method, request.path, exc)
+    request.app[POOL].record_failure(worker, f"broken response: {exc!r}")
+    return json_error(502, f"worker {worker.url} sent a broken response")
+
+
+# --------------------------------------------------------------------------------------------
+# Broadcast: one request to many workers, one result per worker
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class WorkerResult:
+    """What one worker answered to a broadcast."""
+
+    url: str
+    status: int | None = None
+    body: Any = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        if self.error is not None or self.status is None or not 200 <= self.status < 300:
+            return False
+        return not (isinstance(self.body, dict) and self.body.get("success") is False)
+
+    def as_dict(self) -> dict[str, Any]:
+        result = {"url": self.url, "status": self.status, "ok": self.ok}
+        if self.error is not None:
+            result["error"] = self.error
+        else:
+            result["body"] = self.body
+        return result
+
+
+def decode_body(data: bytes) -> Any:
+    """Return a worker's small answer as JSON when it is JSON, else as text."""
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data.decode("utf-8", "replace")
+
+
+async def call_worker(
+    app: web.Application,
+    worker: Worker,
+    method: str,
+    path: str,
+    *,
+    body: bytes | None = None,
+    headers: CIMultiDict[str] | dict[str, str] | None = None,
+    timeout: aiohttp.ClientTimeout | None = None,
+) -> WorkerResult:
+    """Send one control request to a worker and return its parsed answer or the error."""
+    try:
+        with app[POOL].lease(worker):
+            async with app[SESSION].request(
+                method, worker_url(worker, path), data=body, headers=headers, timeout=timeout,
+                allow_redirects=False,
+            ) as response:
+                return WorkerResult(worker.url, response.status, decode_body(await response.read()))
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return WorkerResult(worker.url, error=f"{exc.__class__.__name__}: {exc}" if str(exc) else repr(exc))
+
+
+async def broadcast(
+    request: web.Request, workers: Sequence[Worker], path: str, body: bytes | None
+) -> list[WorkerResult]:
+    """Send the same request to every given worker at once."""
+    headers = upstream_headers(request)
+    return list(await asyncio.gather(*(
+        call_worker(request.app, w, request.method, path, body=body, headers=headers) for w in workers
+    )))
+
+
+def broadcast_response(results: Sequence[WorkerResult], **extra: Any) -> web.Response:
+    """Answer 200 when every worker succeeded, 502 with the same results when any failed."""
+    ok = all(r.ok for r in results)
+    return web.json_response(
+        {"success": ok, "results": [r.as_dict() for r in results], **extra}, status=200 if ok else 502
+    )
+
+
+async def read_small_body(request: web.Request) -> bytes:
+    """Read a control request's body, which the app's client_max_size bounds."""
+    return await request.read() if request.body_exists else b""
+
+
+# --------------------------------------------------------------------------------------------
+# Handlers
+# --------------------------------------------------------------------------------------------
+
+IMAGE_URL_ID = re.compile(rb"/v1/images/([A-Za-z0-9._~-]+)/content")
+TARGET_HEADER = "X-Target-Worker"
+
+
+def track_image_ids(pool: WorkerPool, worker: Worker, data: bytes) -> None:
+    """Record the worker as owner of every /v1/images/{id}/content URL in its small answer."""
+    pool.remember_jobs(worker, dict.fromkeys(m.decode() for m in IMAGE_URL_ID.findall(data)))
+
+
+def track_job_id(pool: WorkerPool, worker: Worker, data: bytes) -> None:
+    """Record the worker as owner of the job id in its answer to a job-creating request."""
+    body = decode_body(data)
+    if isinstance(body, dict) and isinstance(body.get("id"), str):
+        pool.remember_jobs(worker, [body["id"]])
+
+
+def with_query(path: str, request: web.Request) -> str:
+    query = request.rel_url.raw_query_string
+    return f"{path}?{query}" if query else path
+
+
+async def handle_generate(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, path_qs=with_query("/v1/images/generations", request), kind=IMAGE,
+                       on_response=track_image_ids)
+
+
+async def handle_generate_video(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, path_qs=with_query("/v1/videos", request), kind=VIDEO, on_response=track_job_id)
+
+
+async def handle_images(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, kind=IMAGE, on_response=track_image_ids)
+
+
+async def handle_create_video(request: web.Request) -> web.StreamResponse:
+    return await proxy(request, kind=VIDEO, on_response=track_job_id)
+
+
+async def handle_forward(request: web.Request) -> web.StreamResponse:
+    """Forward any other request to the worker named by X-Target-Worker, or to the chosen one."""
+    target = request.headers.get(TARGET_HEADER)
+    if target is None:
+        return await proxy(request)
+    try:
+        worker = request.app[POOL].by_url(normalize_worker_url(target))
+    except WorkerURLError as exc:
+        return json_error(400, f"{TARGET_HEADER}: {exc}")
+    if worker is None:
+        return json_error(404, f"{TARGET_HEADER}: worker {target} is not registered")
+    if not worker.reachable:
+        return json_error(503, f"{TARGET_HEADER}: worker {worker.url} is {worker.display_state}")
+    return await proxy(request, worker=worker)
+
+
+async def handle_sticky(request: web.Request) -> web.StreamResponse:
+    """Send a request about a job or file to the worker that made it."""
+    pool = request.app[POOL]
+    job_id = request.match_info["job_id"]
+    owner = pool.job_owner.get(job_id)
+    if owner is None:
+        gone = pool.orphaned_jobs.get(job_id)
+        if gone is not None:
+            return json_error(410, f"the worker of {job_id} ({gone}) was removed; the job is gone",
+                              code="job_worker_gone")
+        return json_error(404, f"unknown id {job_id}: no worker of this router created it", code="unknown_job")
+    if not owner.reachable:
+        return json_error(503, f"the worker of {job_id} ({owner.url}) is {owner.display_state}: {owner.out_reason}",
+                          code="job_worker_gone")
+    response = await proxy(request, worker=owner)
+    if request.method == "DELETE" and 200 <= response.status < 300:
+        pool.forget_job(job_id)
+    return response
+
+
+async def fan_out(request: web.Request, workers: Sequence[Worker]) -> list[WorkerResult]:
+    """Ask every given worker the client's GET, same path and query."""
+    headers = upstream_headers(request)
+    path_qs = request.rel_url.raw_path_qs
+    return list(await asyncio.gather(*(
+        call_worker(request.app, w, "GET", path_qs, headers=headers) for w in workers
+    )))
+
+
+def merged_list(results: Sequence[WorkerResult], items: list[Any]) -> web.Response:
+    """Answer a merged list, 502 when every worker failed, naming the ones that did."""
+    errors = [r.as_dict() for r in results if not r.ok]
+    body: dict[str, Any] = {"object": "list", "data": items}
+    if errors:
+        body["errors"] = errors
+    return web.json_response(body, status=502 if errors and len(errors) == len(results) else 200)
+
+
+async def handle_list_videos(request: web.Request) -> web.Response:
+    """List the video jobs of every worker, merged and ordered as one worker would."""
+    workers = [w for w in request.app[POOL].workers.values() if w.reachable]
+    if not workers:
+        return json_error(503, "no available worker")
+    results = await fan_out(request, workers)
+    jobs = [job for r in results if r.ok and isinstance(r.body, dict) for job in r.body.get("data") or ()]
+    jobs.sort(key=lambda j: j.get("created_at") or 0 if isinstance(j, dict) else 0,
+              reverse=request.query.get("order", "desc") != "asc")
+    try:
+        limit = int(request.query.get("limit", "20"))
+    except ValueError:
+        return json_error(400, "limit must be an integer")
+    return merged_list(results, jobs[:max(limit, 0)])
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    """List the models of every available worker, without duplicates."""
+    workers = [w for w in request.app[POOL].workers.values() if w.available]
+    if not workers:
+        return json_error(503, "no available worker")
+    results = await fan_out(request, workers)
+    cards: dict[Any, Any] = {}
+    for result in results:
+        if result.ok and isinstance(result.body, dict):
+            for card in result.body.get("data") or ():
+                key = card.get("id") if isinstance(card, dict) else json.dumps(card)
+                cards.setdefault(key, card)
+    return merged_list(results, list(cards.values()))
+
+
+async def handle_sleep(request: web.Request) -> web.Response:
+    """Put every worker to sleep (release GPU memory); track which ones sleep."""
+    pool = request.app[POOL]
+    targets = [w for w in pool.workers.values() if w.reachable]
+    if not targets:
+        return json_error(503, "no worker to put to sleep")
+    results = await broadcast(request, targets, "/release_memory_occupation", await read_small_body(request))
+    for worker, result in zip(targets, results):
+        if result.ok:
+            worker.sleeping = bool(result.body.get("sleeping", True)) if isinstance(result.body, dict) else True
+    return broadcast_response(results)
+
+
+async def handle_wake(request: web.Request) -> web.Response:
+    """Wake every sleeping or serving worker, quarantined sleepers included."""
+    app, pool = request.app, request.app[POOL]
+    targets = [w for w in pool.workers.values() if w.reachable or w.sleeping]
+    if not targets:
+        return json_error(503, "no worker to wake")
+    results = await broadcast(request, targets, "/resume_memory_occupation", await read_small_body(request))
+    for worker, result in zip(targets, results):
+        if result.ok:
+            worker.sleeping = bool(result.body.get("sleeping", False)) if isinstance(result.body, dict) else False
+            if worker.state == HEALTHY and worker.weight_version < pool.weight_version:
+                begin_rejoin(app, worker)  # it slept through a weight update
+    return broadcast_response(results)
+
+
+async def handle_broadcast(request: web.Request) -> web.Response:
+    """Send a LoRA change to every available worker, one result per worker."""
+    targets = [w for w in request.app[POOL].workers.values() if w.available]
+    if not targets:
+        return json_error(503, "no available worker")
+    return broadcast_response(await broadcast(request, targets, request.path, await read_small_body(request)))
+
+
+async def handle_checksum(request: web.Request) -> web.Response:
+    """Ask every worker for its weight checksums and say whether they all agree."""
+    targets = [w for w in request.app[POOL].workers.values() if w.reachable]
+    if not targets:
+        return json_error(503, "no worker to ask")
+    results = await broadcast(request, targets, request.path, await read_small_body(request))
+    answers = [json.dumps(r.body, sort_keys=True) for r in results if r.ok]
+    return broadcast_response(results, consistent=bool(answers) and len(set(answers)) == 1)
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    available = [w for w in pool.workers.values() if w.available]
+    versions = {w.weight_version for w in available}
+    body = {
+        "status": "healthy" if available else "unhealthy",
+        "healthy_workers": len(available),
+        "total_workers": len(pool.workers),
+        "weight_version": pool.weight_version,
+        "weights_consistent": versions <= {pool.weight_version},
+    }
+    return web.json_response(body, status=200 if available else 503)
+
+
+async def handle_health_workers(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    return web.json_response({
+        "weight_version": pool.weight_version,
+        "workers": [w.describe() for w in pool.workers.values()],
+    })
+
+
+async def handle_list_workers(request: web.Request) -> web.Response:
+    return web.json_response({"urls": list(request.app[POOL].workers)})
+
+
+async def worker_url_from(request: web.Request) -> str:
+    """Return the normalised worker URL a request names, or raise ProxyError(400)."""
+    raw = request.query.get("url") or request.query.get("worker_url")
+    if raw is None and request.body_exists:
+        try:
+            payload = json.loads(await request.read())
+        except ValueError:
+            raise ProxyError(400, "body must be JSON like {\"url\": \"http://host:port\"}") from None
+        if not isinstance(payload, dict):
+            raise ProxyError(400, "body must be a JSON object like {\"url\": \"http://host:port\"}")
+        raw = payload.get("url", payload.get("worker_url"))
+    if raw is None:
+        raise ProxyError(400, "give the worker url as ?url=... or JSON {\"url\": ...}")
+    try:
+        return normalize_worker_url(raw)
+    except WorkerURLError as exc:
+        raise ProxyError(400, str(exc)) from None
+
+
+async def handle_add_worker(request: web.Request) -> web.Response:
+    try:
+        url = await worker_url_from(request)
+    except ProxyError as exc:
+        return json_error(exc.status, exc.message)
+    worker, created = await admit_worker(request.app, url)
+    return web.json_response(
+        {"status": "added" if created else "exists", "url": url, "worker": worker.describe(),
+         "urls": list(request.app[POOL].workers)},
+        status=201 if created else 200,
+    )
+
+
+async def admit_worker(app: web.Application, url: str) -> tuple[Worker, bool]:
+    """Register a worker (or bring a quarantined one back) and start its sync if it needs one."""
+    pool = app[POOL]
+    worker, created = pool.add(url)
+    if created or worker.state == QUARANTINED:
+        worker.consecutive_failures = 0
+        pool.set_state(worker, HEALTHY)
+        await read_capabilities(app, worker)
+        begin_rejoin(app, worker, force=not created)
+    return worker, created
+
+
+async def handle_remove_worker(request: web.Request) -> web.Response:
+    try:
+        url = await worker_url_from(request)
+    except ProxyError as exc:
+        return json_error(exc.status, exc.message)
+    worker = request.app[POOL].remove(url)
+    if worker is None:
+        return json_error(404, f"worker {url} is not registered")
+    return web.json_response({"status": "removed", "url": url, "in_flight": worker.active_requests})
+
+
+async def handle_update_weights(request: web.Request) -> web.Response:
+    """Broadcast a weight update; on success it becomes the version every worker must hold."""
+    app, pool = request.app, request.app[POOL]
+    body = await read_small_body(request)
+    async with pool.weight_lock:
+        targets = [w for w in pool.workers.values() if w.available]
+        if not targets:
+            return json_error(503, "no available worker to update")
+        pool.updates_idle.clear()
+        try:
+            results = await broadcast(request, targets, "/update_weights_from_disk", body)
+        finally:
+            pool.updates_idle.set()
+        succeeded = [w for w, r in zip(targets, results) if r.ok]
+        if succeeded:
+            version = pool.weight_version + 1
+            pool.weights = WeightUpdate(version, body, request.headers.get("Content-Type", "application/json"),
+                                        model_path_of(body))
+            for worker, result in zip(targets, results):
+                if result.ok:
+                    worker.weight_version = version
+                elif not worker.removed:
+                    pool.set_state(worker, SYNCING, f"weight update {version} failed: {result.error or result.body}")
+            log.info("weight update %d reached %d of %d workers", version, len(succeeded), len(targets))
+    for worker in pool.workers.values():
+        if worker.state == SYNCING:
+            begin_rejoin(app, worker)
+    return broadcast_response(results, weight_version=pool.weight_version)
+
+
+def model_path_of(body: bytes) -> str | None:
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    return payload.get("model_path") if isinstance(payload, dict) else None
+
+
+async def handle_rest_workers_list(request: web.Request) -> web.Response:
+    return web.json_response({"workers": [w.describe() for w in request.app[POOL].workers.values()]})
+
+
+def worker_from_path(request: web.Request) -> Worker:
+    """Return the registered worker named by the URL-encoded {worker_id}, or raise ProxyError."""
+    try:
+        url = normalize_worker_url(request.match_info["worker_id"])
+    except WorkerURLError as exc:
+        raise ProxyError(400, str(exc)) from None
+    worker = request.app[POOL].by_url(url)
+    if worker is None:
+        raise ProxyError(404, f"worker {url} is not registered")
+    return worker
+
+
+async def handle_rest_worker(request: web.Request) -> web.Response:
+    """GET, PUT ({"quarantined": bool} or {"is_dead": bool}) or DELETE one worker."""
+    app, pool = request.app, request.app[POOL]
+    try:
+        worker = worker_from_path(request)
+    except ProxyError as exc:
+        return json_error(exc.status, exc.message)
+    if request.method == "DELETE":
+        pool.remove(worker.url)
+        return web.json_response({"status": "removed", "url": worker.url, "in_flight": worker.active_requests})
+    if request.method == "PUT":
+        try:
+            payload = json.loads(await read_small_body(request))
+        except ValueError:
+            return json_error(400, 'body must be JSON like {"quarantined": true}')
+        flag = payload.get("quarantined", payload.get("is_dead")) if isinstance(payload, dict) else None
+        if not isinstance(flag, bool):
+            return json_error(400, 'body must be a JSON object with a boolean "quarantined" (or "is_dead")')
+        if flag and worker.state != QUARANTINED:
+            pool.set_state(worker, QUARANTINED, "quarantined by an operator")
+        elif not flag and worker.state == QUARANTINED:
+            await admit_worker(app, worker.url)
+    return web.json_response(worker.describe())
+
+
+# --------------------------------------------------------------------------------------------
+# Health checks, capabilities and resync
+# --------------------------------------------------------------------------------------------
+
+
+async def probe(app: web.Application, worker: Worker) -> None:
+    """Probe one worker's GET /health and record the outcome."""
+    config = app[CONFIG]
+    try:
+        async with app[PROBE_SESSION].get(
+            worker.url + "/health", timeout=aiohttp.ClientTimeout(total=config.health_check_timeout)
+        ) as response:
+            await response.read()
+            if not 200 <= response.status < 300:
+                raise ProbeFailed(f"health check answered {response.status}")
+    except (aiohttp.ClientError, asyncio.TimeoutError, ProbeFailed) as exc:
+        reason = str(exc) if isinstance(exc, ProbeFailed) else f"health check failed: {exc!r}"
+        log.debug("worker %s: %s", worker.url, reason)
+        app[POOL].record_failure(worker, reason)
+        return
+    if app[POOL].record_success(worker):
+        log.info("worker %s answers health checks again", worker.url)
+        await read_capabilities(app, worker)
+        begin_rejoin(app, worker, force=True)
+    elif worker.state == SYNCING:
+        begin_rejoin(app, worker)
+
+
+class ProbeFailed(Exception):
+    """A health probe that got an answer, but not a good one."""
+
+
+async def health_round(app: web.Application) -> None:
+    """Probe every registered worker once, concurrently."""
+    workers = list(app[POOL].workers.values())
+    await asyncio.gather(*(probe(app, w) for w in workers))
+
+
+async def health_loop(app: web.Application) -> None:
+    interval = app[CONFIG].health_check_interval
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            await health_round(app)
+        except Exception:  # a bug in one round must not stop health checking for good
+            log.exception("health round failed")
+
+
+async def read_capabilities(app: web.Application, worker: Worker) -> None:
+    """Learn the worker's task type from GET /v1/models; leave it unknown if the worker can't say."""
+    timeout = aiohttp.ClientTimeout(total=app[CONFIG].health_check_timeout)
+    result = await call_worker(app, worker, "GET", "/v1/models", timeout=timeout)
+    try:
+        task_type = result.body["data"][0]["task_type"] if result.ok else None
+    except (KeyError, IndexError, TypeError):
+        task_type = None
+    if task_type is not None:
+        worker.task_type = str(task_type)
+
+
+def begin_rejoin(app: web.Application, worker: Worker, *, force: bool = False) -> None:
+    """Return a worker to the pool, first replaying the last weight update if it may lack it."""
+    pool = app[POOL]
+    if pool.weights is None or (worker.weight_version >= pool.weight_version and not force):
+        pool.set_state(worker, HEALTHY)
+        worker.weight_version = pool.weight_version
+        return
+    pool.set_state(worker, SYNCING, worker.out_reason or f"needs weight version {pool.weight_version}")
+    if any(getattr(t, "worker", None) is worker for t in app[TASKS]):
+        return
+    spawn(app, resync(app, worker)).worker = worker  # type: ignore[attr-defined]
+
+
+async def resync(app: web.Application, worker: Worker) -> None:
+    """Send the last successful weight update to a worker; it rejoins only if that succeeds."""
+    pool = app[POOL]
+    async with pool.weight_lock:
+        weights = pool.weights
+        if worker.removed or worker.state != SYNCING or weights is None:
+            return
+        result = await call_worker(app, worker, "POST", "/update_weights_from_disk", body=weights.body,
+                                   headers={"Content-Type": weights.content_type})
+        if worker.removed or worker.state != SYNCING:
+            return
+        if result.ok:
+            worker.weight_version = weights.version
+            pool.set_state(worker, HEALTHY)
+            log.info("worker %s resynced to weight version %d", worker.url, weights.version)
+        else:
+            worker.out_reason = f"resync to weight version {weights.version} failed: {result.error or result.body}"
+            log.warning("worker %s: %s", worker.url, worker.out_reason)
+
+
+def spawn(app: web.Application, coro: Any) -> asyncio.Task:
+    """Run a background task that the app cancels when it stops."""
+    task = asyncio.get_running_loop().create_task(coro)
+    app[TASKS].add(task)
+    task.add_done_callback(app[TASKS].discard)
+    return task
+
+
+# --------------------------------------------------------------------------------------------
+# App factory
+# --------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Turn aiohttp's own HTTP errors (404, 405, 413, ...) into the router's JSON errors."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(exc.status, exc.reason)
+
+
+def own(**handlers: Callable) -> Callable:
+    """Return a handler serving the router's own path for the given methods, 405 JSON otherwise."""
+    if "GET" in handlers:
+        handlers.setdefault("HEAD", handlers["GET"])
+    allowed = ", ".join(sorted(handlers))
+
+    async def dispatch(request: web.Request) -> web.StreamResponse:
+        handler = handlers.get(request.method)
+        if handler is None:
+            return web.json_response({"error": f"method {request.method} not allowed on {request.path}"},
+                                     status=405, headers={"Allow": allowed})
+        return await handler(request)
+
+    return dispatch
+
+
+async def client_sessions(app: web.Application):
+    """Open the one connection pool to workers (and a small one for probes) for the app's life."""
+    config = app[CONFIG]
+    app[SESSION] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=config.max_connections, limit_per_host=0),
+        # sock_connect, not connect: waiting for a free pooled connection is not the worker's fault.
+        timeout=aiohttp.ClientTimeout(total=config.timeout, sock_connect=config.connect_timeout),
+        auto_decompress=False,  # bodies pass through as the worker encoded them
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),  # send the client's, not ours
+        cookie_jar=aiohttp.DummyCookieJar(),  # one worker's cookies must not reach another
+        read_bufsize=READ_CHUNK,
+    )
+    # Probes get their own small pool: a full generation pool must not make workers look dead.
+    app[PROBE_SESSION] = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=0, force_close=True),
+        cookie_jar=aiohttp.DummyCookieJar(),
+    )
+    yield
+    await app[SESSION].close()
+    await app[PROBE_SESSION].close()
+
+
+async def background_tasks(app: web.Application):
+    """Register the configured workers, run health checks, and stop every task on shutdown."""
+    for url in app[CONFIG].worker_urls:
+        await admit_worker(app, normalize_worker_url(url))
+    spawn(app, health_loop(app))
+    yield
+    tasks = list(app[TASKS])
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def create_app(config: RouterConfig | None = None) -> web.Application:
+    """Build the router application; the only constructor, tests included."""
+    config = config or RouterConfig()
+    for url in config.worker_urls:
+        normalize_worker_url(url)  # fail at startup, not on the first request
+    app = web.Application(
+        client_max_size=config.max_request_size,  # aiohttp's 1 MiB default refuses base64 images
+        middlewares=[json_errors],
+    )
+    app[CONFIG] = config
+    app[POOL] = WorkerPool(config)
+    app[TASKS] = set()
+    app.cleanup_ctx.append(client_sessions)
+    app.cleanup_ctx.append(background_tasks)
+
+    for path, handler in ROUTES.items():
+        app.router.add_route("*", path, handler)
+    app.router.add_route("*", "/{tail:.*}", handle_forward)
+    return app
+
+
+ROUTES: dict[str, Callable] = {
+    "/generate": own(POST=handle_generate),
+    "/generate_video": own(POST=handle_generate_video),
+    "/health": own(GET=handle_health),
+    "/health_workers": own(GET=handle_health_workers),
+    "/add_worker": own(POST=handle_add_worker),
+    "/remove_worker": own(POST=handle_remove_worker),
+    "/list_workers": own(GET=handle_list_workers),
+    "/workers": own(GET=handle_rest_workers_list, POST=handle_add_worker),
+    "/workers/{worker_id}": own(GET=handle_rest_worker, PUT=handle_rest_worker, DELETE=handle_rest_worker),
+    "/update_weights_from_disk": own(POST=handle_update_weights),
+    "/release_memory_occupation": own(POST=handle_sleep),
+    "/resume_memory_occupation": own(POST=handle_wake),
+    "/v1/set_lora": own(POST=handle_broadcast),
+    "/v1/merge_lora_weights": own(POST=handle_broadcast),
+    "/v1/unmerge_lora_weights": own(POST=handle_broadcast),
+    "/get_weights_checksum": own(POST=handle_checksum),
+    "/v1/models": own(GET=handle_models),
+    "/v1/images/generations": own(POST=handle_images),
+    "/v1/images/edits": own(POST=handle_images),
+    "/v1/images/{job_id}/content": own(GET=handle_sticky),
+    "/v1/videos": own(POST=handle_create_video, GET=handle_list_videos),
+    "/v1/videos/{job_id}": own(GET=handle_sticky, DELETE=handle_sticky),
+    "/v1/videos/{job_id}/content": own(GET=handle_sticky),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+
+def positive(kind: type) -> click.ParamType:
+    """Return a click type accepting only numbers above zero."""
+    return click.IntRange(min=1) if kind is int else click.FloatRange(min=0, min_open=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DIFFUSION_ROUTER",
+                                 "show_default": True, "max_content_width": 100})
+@click.option("--host", default=RouterConfig.host, help="Address to listen on.")
+@click.option("--port", default=RouterConfig.port, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--worker-urls", multiple=True, metavar="URL...",
+              help="Initial workers: --worker-urls URL URL ... (env: space-separated).")
+@click.argument("more_worker_urls", nargs=-1, metavar="", required=False)
+@click.option("--max-connections", default=RouterConfig.max_connections, type=positive(int),
+              help="Most connections open to workers at once.")
+@click.option("--timeout", default=None, type=positive(float),
+              help="Total seconds for one router-to-worker request  [default: no limit]")
+@click.option("--connect-timeout", default=RouterConfig.connect_timeout, type=positive(float),
+              help="Seconds to open a connection to a worker before trying another.")
+@click.option("--retries", default=RouterConfig.retries, type=click.IntRange(min=0),
+              help="Other workers to try when a worker cannot be reached at all.")
+@click.option("--health-check-interval", default=RouterConfig.health_check_interval, type=positive(float),
+              help="Seconds between health rounds.")
+@click.option("--health-check-timeout", default=RouterConfig.health_check_timeout, type=positive(float),
+              help="Seconds one health probe may take.")
+@click.option("--health-check-failure-threshold", default=RouterConfig.health_check_failure_threshold,
+              type=positive(int), help="Consecutive failures before a worker is quarantined.")
+@click.option("--health-check-success-threshold", default=RouterConfig.health_check_success_threshold,
+              type=positive(int), help="Consecutive good probes before a quarantined worker comes back.")
+@click.option("--auto-recover/--no-auto-recover", default=True,
+              help="Let quarantined workers rejoin by themselves (else only through /add_worker).")
+@click.option("--routing-algorithm", default=RouterConfig.routing_algorithm, type=click.Choice(sorted(POLICIES)),
+              help="How to choose a worker for each request.")
+@click.option("--max-request-size", default=RouterConfig.max_request_size // MiB, type=positive(int),
+              help="Largest request body accepted, in MiB (413 above it).")
+@click.option("--max-tracked-jobs", default=RouterConfig.max_tracked_jobs, type=positive(int),
+              help="Job and file ids remembered for sticky routing (oldest dropped first).")
+@click.option("--shutdown-timeout", default=RouterConfig.shutdown_timeout, type=click.FloatRange(min=0),
+              help="Seconds in-flight requests may take to finish on SIGTERM or SIGINT.")
+@click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
+@click.version_option(__version__, "--version", prog_name="diffusion_router")
+def main(worker_urls: tuple[str, ...], more_worker_urls: tuple[str, ...], max_request_size: int, verbose: bool,
+         **options: Any) -> None:
+    """Load-balance sglang-diffusion workers behind one HTTP endpoint."""
+    # click options take one value each; the URLs after the first arrive as arguments.
+    urls = tuple(dict.fromkeys(u for entry in worker_urls + more_worker_urls for u in entry.split()))
+    for url in urls:
+        try:
+            normalize_worker_url(url)
+        except WorkerURLError as exc:
+            raise click.BadParameter(str(exc), param_hint="--worker-urls") from None
+    config = RouterConfig(worker_urls=urls, max_request_size=max_request_size * MiB, verbose=verbose, **options)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("diffusion_router %s listening on %s:%d with %d workers", __version__, config.host, config.port,
+             len(urls))
+    web.run_app(create_app(config), host=config.host, port=config.port, print=None,
+                shutdown_timeout=config.shutdown_timeout, access_log=None)
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; a bad value is one line on stderr and exit status 2, not a traceback."""
+    try:
+        main.main(args=argv, prog_name="diffusion_router.py", standalone_mode=False)
+    except click.ClickException as exc:
+        click.echo(f"Error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except click.Abort:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(cli())
