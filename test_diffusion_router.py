@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -777,3 +778,503 @@ async def test_cli_takes_several_urls_after_one_worker_urls_flag(spawn_worker):
     async with router_process("--worker-urls", a.url, b.url) as router_proc, aiohttp.ClientSession() as session:
         async with session.get(router_proc.url + "/list_workers") as resp:
             assert (await resp.json())["urls"] == [a.url, b.url]
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 3: failover, recovery with consistent weights, graceful shutdown
+# --------------------------------------------------------------------------------------------
+
+UPDATE = {"model_path": "/ckpt/step-100", "flush_cache": True}
+
+
+async def quarantine(client, worker: StandIn) -> None:
+    """Fail the worker's probes until the router quarantines it."""
+    worker.behaviour.health_status = 500
+    for _ in range(client.app[dr.CONFIG].health_check_failure_threshold):
+        await health_round(client)
+    assert worker_of(client, worker.url).state == dr.QUARANTINED
+
+
+async def recover(client, worker: StandIn) -> None:
+    """Let the worker's probes succeed until it may come back, then let its resync finish."""
+    worker.behaviour.health_status = 200
+    for _ in range(client.app[dr.CONFIG].health_check_success_threshold):
+        await health_round(client)
+    await settle(client)
+
+
+async def test_killed_worker_costs_no_client_error_and_is_out_after_one_refusal(spawn_worker, router):
+    a, b, c = [await spawn_worker() for _ in range(3)]
+    client = await router(a.url, b.url, c.url)
+    await b.stop()
+    for _ in range(9):
+        resp = await client.post("/generate", json=PROMPT)
+        assert resp.status == 200
+    dead = worker_of(client, b.url)
+    assert dead.state == dr.QUARANTINED and dead.consecutive_failures == 1
+    assert "unreachable" in dead.last_error
+    assert a.generations() + c.generations() == 9
+    assert all(w.active_requests == 0 for w in pool_of(client).workers.values())
+
+
+async def test_failover_tries_at_most_retries_other_workers(router):
+    urls = [dead_url() for _ in range(4)]
+    client = await router(*urls, retries=2)
+    resp = await client.post("/generate", json=PROMPT)
+    assert resp.status == 502
+    assert sum(w.state == dr.QUARANTINED for w in pool_of(client).workers.values()) == 3
+
+
+async def test_black_holed_worker_hits_the_connect_timeout_and_fails_over(spawn_worker, router):
+    good = await spawn_worker()
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)  # never accepted: once the backlog is full, new connections hang in SYN
+        port = hole.getsockname()[1]
+        fillers = []
+        for _ in range(3):
+            s = socket.socket()
+            s.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                s.connect(("127.0.0.1", port))
+            fillers.append(s)
+        await asyncio.sleep(0.05)
+        client = await router(f"http://127.0.0.1:{port}", good.url, connect_timeout=0.2)
+        worker_of(client, good.url).last_picked = 10**9  # the black hole is tried first
+        started = time.monotonic()
+        resp = await client.post("/generate", json=PROMPT)
+        assert resp.status == 200
+        assert time.monotonic() - started < 3
+        assert worker_of(client, f"http://127.0.0.1:{port}").consecutive_failures == 1
+        for s in fillers:
+            s.close()
+
+
+async def test_request_that_reached_a_worker_is_never_resent(spawn_worker, router):
+    broken, spare = await spawn_worker(fail_mode="close_mid_body"), await spawn_worker()
+    client = await router(broken.url, spare.url)
+    worker_of(client, spare.url).last_picked = 10**9
+    resp = await client.post("/generate", json=PROMPT)
+    assert resp.status == 502
+    assert (broken.generations(), spare.generations()) == (1, 0)
+
+
+async def test_timed_out_request_is_not_resent(spawn_worker, router):
+    hung, spare = await spawn_worker(fail_mode="hang"), await spawn_worker()
+    client = await router(hung.url, spare.url, timeout=0.3)
+    worker_of(client, spare.url).last_picked = 10**9
+    resp = await client.post("/generate", json=PROMPT)
+    assert resp.status == 504
+    assert (hung.generations(), spare.generations()) == (1, 0)
+
+
+async def test_quarantined_worker_returns_after_success_threshold(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url, health_check_success_threshold=2)
+    await quarantine(client, worker)
+    worker.behaviour.health_status = 200
+    await health_round(client)
+    assert worker_of(client, worker.url).state == dr.QUARANTINED
+    await health_round(client)
+    assert worker_of(client, worker.url).state == dr.HEALTHY
+    assert (await client.post("/generate", json=PROMPT)).status == 200
+
+
+async def test_worker_back_after_a_missed_update_gets_it_before_any_generation(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    await quarantine(client, b)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    assert b.state.weight_updates == []
+    await recover(client, b)
+    assert b.state.weight_updates == [UPDATE]
+    assert worker_of(client, b.url).weight_version == 1
+    for _ in range(4):
+        assert (await client.post("/generate", json=PROMPT)).status == 200
+    posts = b.paths("POST")
+    assert posts[0] == "/update_weights_from_disk" and "/v1/images/generations" in posts
+
+
+async def test_restarted_worker_is_resynced_even_if_it_had_the_update(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    await b.stop()
+    await quarantine(client, b)
+    b = await b.restart()  # a new process: it loaded its startup weights, not the update
+    try:
+        await recover(client, b)
+        assert b.state.weight_updates == [UPDATE]
+        assert worker_of(client, b.url).state == dr.HEALTHY
+    finally:
+        await b.stop()
+
+
+async def test_worker_added_after_an_update_syncs_before_serving(spawn_worker, router):
+    a = await spawn_worker()
+    b = await spawn_worker(weight_update_latency=0.3)
+    client = await router(a.url)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    resp = await client.post("/add_worker", json={"url": b.url})
+    assert (await resp.json())["worker"]["state"] == dr.SYNCING
+    for _ in range(3):
+        assert (await client.post("/generate", json=PROMPT)).status == 200
+    assert b.generations() == 0
+    entry = {w["url"]: w for w in (await (await client.get("/health_workers")).json())["workers"]}[b.url]
+    assert entry["state"] == "syncing" and entry["out_reason"]
+    await settle(client)
+    assert b.state.weight_updates == [UPDATE]
+    assert worker_of(client, b.url).state == dr.HEALTHY
+
+
+async def test_broadcast_failing_on_one_worker_takes_it_out_until_resynced(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker(weight_update_status=500)
+    client = await router(a.url, b.url)
+    resp = await client.post("/update_weights_from_disk", json=UPDATE)
+    assert resp.status == 502
+    await settle(client)
+    assert worker_of(client, b.url).state == dr.SYNCING
+    for _ in range(4):
+        assert (await client.post("/generate", json=PROMPT)).status == 200
+    assert b.generations() == 0
+    b.behaviour.weight_update_status = None
+    await health_round(client)
+    await settle(client)
+    assert worker_of(client, b.url).state == dr.HEALTHY
+    assert b.state.weight_updates == [UPDATE]
+    assert (await (await client.get("/health")).json())["weights_consistent"] is True
+
+
+async def test_update_failing_everywhere_changes_no_worker_and_no_version(spawn_worker, router):
+    a, b = await spawn_worker(weight_update_status=400), await spawn_worker(weight_update_status=400)
+    client = await router(a.url, b.url)
+    resp = await client.post("/update_weights_from_disk", json={"model_path": "/missing"})
+    assert resp.status == 502
+    assert pool_of(client).weight_version == 0
+    assert all(w.state == dr.HEALTHY for w in pool_of(client).workers.values())
+
+
+async def test_weight_version_is_reported_and_stamped_on_responses(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    assert (await client.post("/generate", json=PROMPT)).headers["X-Weight-Version"] == "0"
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    assert (await client.post("/update_weights_from_disk", json={"model_path": "/ckpt/200"})).status == 200
+    resp = await client.post("/generate", json=PROMPT)
+    assert resp.headers["X-Weight-Version"] == "2"
+    health = await (await client.get("/health")).json()
+    assert (health["weight_version"], health["weights_consistent"]) == (2, True)
+    report = await (await client.get("/health_workers")).json()
+    assert {w["weight_version"] for w in report["workers"]} == {2}
+
+
+async def test_generation_waits_while_a_weight_update_is_broadcast(spawn_worker, router):
+    worker = await spawn_worker(weight_update_latency=0.3)
+    client = await router(worker.url)
+    update = asyncio.ensure_future(client.post("/update_weights_from_disk", json=UPDATE))
+    await wait_for(lambda: "/update_weights_from_disk" in worker.paths())
+    generation = asyncio.ensure_future(client.post("/generate", json=PROMPT))
+    await asyncio.sleep(0.1)
+    assert worker.generations() == 0 and not generation.done()
+    assert (await update).status == 200
+    resp = await generation
+    assert resp.status == 200 and resp.headers["X-Weight-Version"] == "1"
+
+
+async def test_sigterm_lets_in_flight_requests_finish_and_exits_0(spawn_worker):
+    worker = await spawn_worker(latency=0.5)
+    async with router_process("--worker-urls", worker.url) as proc, aiohttp.ClientSession() as session:
+        requests = [asyncio.ensure_future(session.post(proc.url + "/generate", json=PROMPT)) for _ in range(4)]
+        await wait_for(lambda: worker.generations() == 4)
+        proc.proc.send_signal(signal.SIGTERM)
+        responses = await asyncio.gather(*requests)
+        assert [r.status for r in responses] == [200] * 4
+        for r in responses:
+            assert (await r.json())["data"]
+        assert await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 15) == 0
+        with pytest.raises(aiohttp.ClientConnectionError):
+            await session.get(proc.url + "/health")
+
+
+async def test_sigint_also_stops_cleanly(spawn_worker):
+    worker = await spawn_worker()
+    async with router_process("--worker-urls", worker.url) as proc:
+        proc.proc.send_signal(signal.SIGINT)
+        assert await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 15) == 0
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 4: sticky jobs and files, sleep and wake, LoRA, capabilities, models, management
+# --------------------------------------------------------------------------------------------
+
+
+async def test_video_job_is_created_polled_and_downloaded_through_the_router(spawn_worker, router):
+    workers = [await spawn_worker(task_type="T2V", video_latency=0.05, video_bytes=300_000) for _ in range(2)]
+    client = await router(*(w.url for w in workers))
+    jobs = [await (await client.post("/generate_video", json={"prompt": f"p{i}"})).json() for i in range(4)]
+    assert all(w.generations() == 2 for w in workers)
+    for job in jobs:
+        for _ in range(200):
+            status = await (await client.get(f"/v1/videos/{job['id']}")).json()
+            if status["status"] == "completed":
+                break
+            await asyncio.sleep(0.02)
+        assert status["status"] == "completed"
+        resp = await client.get(f"/v1/videos/{job['id']}/content")
+        assert resp.status == 200 and resp.content_type == "video/mp4"
+        assert len(await resp.read()) == 300_000
+
+
+async def test_image_url_content_is_fetched_from_the_worker_that_made_it(spawn_worker, router):
+    workers = [await spawn_worker() for _ in range(3)]
+    client = await router(*(w.url for w in workers))
+    urls = []
+    for _ in range(3):
+        body = await (await client.post("/generate", json={"prompt": "p", "response_format": "url", "n": 2})).json()
+        urls += [item["url"] for item in body["data"]]
+    for url in urls:
+        resp = await client.get(url)
+        assert resp.status == 200, url
+        assert resp.content_type.startswith("image/")
+
+
+async def test_unknown_job_id_is_404_json(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V")
+    client = await router(worker.url)
+    for path in ("/v1/videos/video_nope", "/v1/videos/video_nope/content", "/v1/images/nope/content"):
+        resp = await client.get(path)
+        assert resp.status == 404
+        assert (await resp.json())["code"] == "unknown_job"
+    assert worker.paths("GET") == ["/v1/models"]
+
+
+async def test_job_of_a_removed_worker_is_a_distinct_gone_error(spawn_worker, router):
+    a, b = await spawn_worker(task_type="T2V"), await spawn_worker(task_type="T2V")
+    client = await router(a.url, b.url)
+    job = await (await client.post("/generate_video", json={"prompt": "p"})).json()
+    owner = a if a.generations() else b
+    assert (await client.post("/remove_worker", json={"url": owner.url})).status == 200
+    assert job["id"] not in pool_of(client).job_owner
+    resp = await client.get(f"/v1/videos/{job['id']}")
+    assert resp.status == 410
+    body = await resp.json()
+    assert body["code"] == "job_worker_gone" and owner.url in body["error"]
+
+
+async def test_job_of_a_quarantined_worker_says_its_worker_is_out(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V")
+    client = await router(worker.url)
+    job = await (await client.post("/generate_video", json={"prompt": "p"})).json()
+    await quarantine(client, worker)
+    resp = await client.get(f"/v1/videos/{job['id']}")
+    assert resp.status == 503
+    assert (await resp.json())["code"] == "job_worker_gone"
+
+
+async def test_deleting_a_job_forgets_its_id(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V")
+    client = await router(worker.url)
+    job = await (await client.post("/v1/videos", json={"prompt": "p"})).json()
+    resp = await client.delete(f"/v1/videos/{job['id']}")
+    assert resp.status == 200 and (await resp.json())["status"] == "deleted"
+    assert (await client.get(f"/v1/videos/{job['id']}")).status == 404
+
+
+async def test_tracked_job_ids_are_bounded_oldest_first(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V")
+    client = await router(worker.url, max_tracked_jobs=2)
+    ids = [(await (await client.post("/v1/videos", json={"prompt": "p"})).json())["id"] for _ in range(3)]
+    assert list(pool_of(client).job_owner) == ids[1:]
+    assert (await client.get(f"/v1/videos/{ids[0]}")).status == 404
+    assert (await client.get(f"/v1/videos/{ids[2]}")).status == 200
+
+
+async def test_video_list_merges_every_worker(spawn_worker, router):
+    a, b = await spawn_worker(task_type="T2V"), await spawn_worker(task_type="T2V")
+    client = await router(a.url, b.url)
+    ids = {(await (await client.post("/v1/videos", json={"prompt": "p"})).json())["id"] for _ in range(4)}
+    body = await (await client.get("/v1/videos?limit=100")).json()
+    assert {job["id"] for job in body["data"]} == ids
+    assert a.generations() == b.generations() == 2
+
+
+async def test_sleep_then_generate_is_503_then_wake_serves_again(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    resp = await client.post("/release_memory_occupation", json={})
+    assert resp.status == 200
+    assert all(r["body"]["sleeping"] is True for r in (await resp.json())["results"])
+    resp = await client.post("/generate", json=PROMPT)
+    assert resp.status == 503
+    assert "asleep" in (await resp.json())["error"]
+    assert a.generations() == b.generations() == 0
+    states = {w["state"] for w in (await (await client.get("/health_workers")).json())["workers"]}
+    assert states == {"sleeping"}
+    resp = await client.post("/resume_memory_occupation", json={})
+    assert resp.status == 200
+    assert (await client.post("/generate", json=PROMPT)).status == 200
+
+
+async def test_wake_reaches_a_sleeping_worker_that_was_quarantined(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    await client.post("/release_memory_occupation", json={})
+    await quarantine(client, worker)
+    resp = await client.post("/resume_memory_occupation", json={})
+    assert resp.status == 200
+    assert worker.state.sleeping is False
+    assert worker_of(client, worker.url).sleeping is False
+
+
+async def test_failed_sleep_is_502_and_the_worker_keeps_serving(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker(sleep_supported=False)
+    client = await router(a.url, b.url)
+    resp = await client.post("/release_memory_occupation", json={})
+    assert resp.status == 502
+    assert worker_of(client, b.url).sleeping is False
+    assert (await client.post("/generate", json=PROMPT)).status == 200
+    assert b.generations() == 1
+
+
+async def test_worker_asleep_during_an_update_gets_it_when_woken(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    await client.post("/release_memory_occupation", json={})
+    await client.post("/resume_memory_occupation", json={})  # wake a only, b stays asleep
+    await client.session.post(b.url + "/release_memory_occupation", json={})
+    worker_of(client, b.url).sleeping = True
+    resp = await client.post("/update_weights_from_disk", json=UPDATE)
+    assert resp.status == 200
+    assert [r["url"] for r in (await resp.json())["results"]] == [a.url]
+    await client.post("/resume_memory_occupation", json={})
+    await settle(client)
+    assert b.state.weight_updates == [UPDATE]
+    assert worker_of(client, b.url).weight_version == 1
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/set_lora", {"lora_nickname": "style", "lora_path": "/loras/style"}),
+    ("/v1/merge_lora_weights", {"target": "all", "strength": 1.0}),
+    ("/v1/unmerge_lora_weights", {"target": "all"}),
+])
+async def test_lora_changes_reach_every_available_worker(spawn_worker, router, path, body):
+    workers = [await spawn_worker() for _ in range(3)]
+    client = await router(*(w.url for w in workers))
+    resp = await client.post(path, json=body)
+    assert resp.status == 200
+    assert len((await resp.json())["results"]) == 3
+    for w in workers:
+        assert w.paths("POST") == [path]
+        assert json.loads(w.seen[-1].body) == body
+
+
+async def test_lora_failure_on_one_worker_is_502_with_per_worker_results(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker(lora_enabled=False)
+    client = await router(a.url, b.url)
+    resp = await client.post("/v1/set_lora", json={"lora_nickname": "x", "lora_path": "/l"})
+    assert resp.status == 502
+    results = {r["url"]: r for r in (await resp.json())["results"]}
+    assert results[a.url]["ok"] and results[b.url]["status"] == 500
+
+
+async def test_weights_checksum_says_whether_workers_agree(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    body = {"module_names": ["transformer"]}
+    result = await (await client.post("/get_weights_checksum", json=body)).json()
+    assert result["consistent"] is True and len(result["results"]) == 2
+    await client.session.post(b.url + "/update_weights_from_disk", json={"model_path": "/other"})
+    result = await (await client.post("/get_weights_checksum", json=body)).json()
+    assert result["consistent"] is False
+
+
+async def test_update_weights_from_tensor_goes_to_one_worker_only(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    body = {"serialized_named_tensors": ["x"]}
+    resp = await client.post("/update_weights_from_tensor", json=body, headers={"X-Target-Worker": b.url + "/"})
+    assert resp.status == 200
+    assert b.paths("POST") == ["/update_weights_from_tensor"] and a.paths("POST") == []
+    resp = await client.post("/update_weights_from_tensor", json=body)
+    assert resp.status == 200
+    assert len(a.paths("POST")) + len(b.paths("POST")) == 2
+
+
+async def test_target_worker_header_must_name_a_registered_worker(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    assert (await client.get("/stats", headers={"X-Target-Worker": dead_url()})).status == 404
+    assert (await client.get("/stats", headers={"X-Target-Worker": "ftp://x"})).status == 400
+
+
+async def test_video_request_with_only_image_workers_is_400(spawn_worker, router):
+    a, b = await spawn_worker(task_type="T2I"), await spawn_worker(task_type="I2I")
+    client = await router(a.url, b.url)
+    for path in ("/generate_video", "/v1/videos"):
+        resp = await client.post(path, json={"prompt": "p"})
+        assert resp.status == 400
+        assert "video" in (await resp.json())["error"]
+    assert a.generations() == b.generations() == 0
+
+
+async def test_requests_go_only_to_capable_workers(spawn_worker, router):
+    image, video, unknown = (await spawn_worker(task_type="T2I"), await spawn_worker(task_type="TI2V"),
+                             await spawn_worker(task_type=None))
+    client = await router(image.url, video.url, unknown.url)
+    for _ in range(4):
+        assert (await client.post("/generate", json=PROMPT)).status == 200
+        assert (await client.post("/generate_video", json={"prompt": "p"})).status == 200
+    assert image.paths("POST") == ["/v1/images/generations"] * image.generations()
+    assert set(video.paths("POST")) == {"/v1/videos"}
+    assert unknown.generations() > 0
+
+
+async def test_image_request_with_only_video_workers_is_400(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V")
+    client = await router(worker.url)
+    assert (await client.post("/generate", json=PROMPT)).status == 400
+
+
+async def test_models_are_merged_without_duplicates(spawn_worker, router):
+    a, b = await spawn_worker(model_path="org/flux"), await spawn_worker(model_path="org/flux")
+    c = await spawn_worker(model_path="org/wan", task_type="T2V")
+    client = await router(a.url, b.url, c.url)
+    body = await (await client.get("/v1/models")).json()
+    assert body["object"] == "list"
+    assert sorted(card["id"] for card in body["data"]) == ["org/flux", "org/wan"]
+
+
+async def test_removing_a_worker_lets_its_in_flight_request_finish(spawn_worker, router):
+    worker = await spawn_worker(latency=0.3)
+    client = await router(worker.url)
+    pending = asyncio.ensure_future(client.post("/generate", json=PROMPT))
+    await wait_for(lambda: worker.generations() == 1)
+    resp = await client.post("/remove_worker", params={"url": worker.url})
+    assert (await resp.json())["in_flight"] == 1
+    assert (await (await client.get("/list_workers")).json())["urls"] == []
+    assert (await client.post("/generate", json=PROMPT)).status == 503
+    done = await pending
+    assert done.status == 200 and (await done.json())["data"]
+
+
+async def test_removing_an_unknown_worker_is_404(router):
+    client = await router()
+    assert (await client.post("/remove_worker", json={"url": dead_url()})).status == 404
+
+
+async def test_rest_worker_api_aliases(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router()
+    worker_id = quote(worker.url, safe="")
+    assert (await client.post("/workers", json={"url": worker.url})).status == 201
+    listing = await (await client.get("/workers")).json()
+    assert [w["url"] for w in listing["workers"]] == [worker.url]
+    assert (await (await client.get(f"/workers/{worker_id}")).json())["url"] == worker.url
+    resp = await client.put(f"/workers/{worker_id}", json={"quarantined": True})
+    assert (await resp.json())["state"] == dr.QUARANTINED
+    assert (await client.post("/generate", json=PROMPT)).status == 503
+    resp = await client.put(f"/workers/{worker_id}", json={"is_dead": False})
+    assert (await resp.json())["state"] == dr.HEALTHY
+    assert (await client.put(f"/workers/{worker_id}", json={"quarantined": "yes"})).status == 400
+    assert (await client.delete(f"/workers/{worker_id}")).status == 200
+    assert (await client.get(f"/workers/{worker_id}")).status == 404
