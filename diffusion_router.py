@@ -27,8 +27,11 @@ Endpoints of the router itself (everything else is forwarded to a worker):
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import hmac
 import contextlib
+import html
 import ipaddress
 import itertools
 import json
@@ -37,8 +40,9 @@ import random
 import re
 import socket
 import time
+import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -79,7 +83,27 @@ class RouterConfig:
     max_request_size: int = 256 * MiB
     max_tracked_jobs: int = 100_000
     shutdown_timeout: float = 30.0
+    api_key: str | None = None  # needed by every request but GET /health
+    admin_api_key: str | None = None  # needed by everything that changes the router or the workers
+    worker_api_key: str | None = None  # bearer token the router sends to workers
+    allowed_worker_hosts: tuple[str, ...] = ()  # host names, IPs or CIDR ranges; empty: any
+    client_timeout: float = 60.0  # a client that sends no body bytes for this long is cut off
+    max_concurrent_requests: int = 8192  # beyond this, new requests get 503 instead of exhausting fds
     verbose: bool = False
+
+    @property
+    def keys_required(self) -> bool:
+        return bool(self.api_key or self.admin_api_key)
+
+    def allowed_hosts(self) -> tuple[Any, ...]:
+        """Return --allowed-worker-hosts parsed into names and networks."""
+        parsed: list[Any] = []
+        for entry in self.allowed_worker_hosts:
+            try:
+                parsed.append(ipaddress.ip_network(entry, strict=False))
+            except ValueError:
+                parsed.append(entry.lower().rstrip("."))
+        return tuple(parsed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -239,8 +263,9 @@ class WeightUpdate:
 class WorkerPool:
     """The registered workers, their leases, the job ids they own and the weights they hold."""
 
-    def __init__(self, config: RouterConfig):
+    def __init__(self, config: RouterConfig, metrics: Metrics | None = None):
         self.config = config
+        self.metrics = metrics or Metrics()
         self.workers: dict[str, Worker] = {}
         self.policy = POLICIES[config.routing_algorithm]()
         self.pick_counter = itertools.count(1)
@@ -328,12 +353,17 @@ class WorkerPool:
         if worker.state != QUARANTINED and (fatal or worker.consecutive_failures >= threshold):
             worker.state = QUARANTINED
             worker.out_reason = reason
+            self.metrics.inc("quarantines_total", worker.url)
             log.warning("worker %s quarantined: %s", worker.url, reason)
 
     def set_state(self, worker: Worker, state: str, reason: str | None = None) -> None:
         """Move a worker to a state, logging only real changes."""
         if worker.state != state:
             log.info("worker %s %s -> %s%s", worker.url, worker.state, state, f": {reason}" if reason else "")
+            if state == HEALTHY:
+                self.metrics.inc("recoveries_total", worker.url)
+            elif state == QUARANTINED:
+                self.metrics.inc("quarantines_total", worker.url)
         worker.state = state
         worker.out_reason = reason
         if state != QUARANTINED:
@@ -390,11 +420,142 @@ POLICIES: dict[str, Callable[[], Policy]] = {
 
 
 # --------------------------------------------------------------------------------------------
+# Metrics: Prometheus text exposition format 0.0.4, no dependency
+# --------------------------------------------------------------------------------------------
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+# name -> (type, help, label names); gauges of the pool are computed at scrape time instead.
+METRICS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "requests_total": ("counter", "Requests answered, by route, worker and status code.", ("route", "worker", "code")),
+    "request_duration_seconds": ("histogram", "Time to answer a request, by route.", ("route",)),
+    "received_bytes_total": ("counter", "Request body bytes received from clients.", ("route",)),
+    "sent_bytes_total": ("counter", "Response body bytes sent to clients.", ("route",)),
+    "health_probe_failures_total": ("counter", "Failed health probes, by worker.", ("worker",)),
+    "retries_total": ("counter", "Requests sent to another worker after a worker could not be reached.", ("route",)),
+    "failovers_total": ("counter", "Requests moved off a worker that could not be reached, by worker.", ("worker",)),
+    "quarantines_total": ("counter", "Workers taken out of the pool, by worker.", ("worker",)),
+    "recoveries_total": ("counter", "Workers returned to the pool, by worker.", ("worker",)),
+    "weight_updates_total": ("counter", "Weight update broadcasts, by result.", ("result",)),
+    "weight_update_duration_seconds": ("histogram", "Time to broadcast a weight update.", ()),
+}
+
+
+def escape_label(value: str) -> str:
+    """Escape a label value as the exposition format requires."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def format_labels(names: Sequence[str], values: Sequence[str]) -> str:
+    if not names:
+        return ""
+    return "{" + ",".join(f'{n}="{escape_label(str(v))}"' for n, v in zip(names, values)) + "}"
+
+
+class Histogram:
+    """Cumulative-bucket histogram of one label set."""
+
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * len(DURATION_BUCKETS)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        index = bisect.bisect_left(DURATION_BUCKETS, value)
+        if index < len(self.counts):
+            self.counts[index] += 1
+        self.total += value
+        self.count += 1
+
+
+class Metrics:
+    """Counters and histograms keyed by label values; rendered on scrape."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, dict[tuple[str, ...], Any]] = {name: {} for name in METRICS}
+        self.requests = 0
+        self.errors = 0
+
+    def inc(self, name: str, *labels: str, value: float = 1) -> None:
+        series = self.values[name]
+        series[labels] = series.get(labels, 0) + value
+
+    def observe(self, name: str, value: float, *labels: str) -> None:
+        series = self.values[name]
+        histogram = series.get(labels)
+        if histogram is None:
+            histogram = series[labels] = Histogram()
+        histogram.observe(value)
+
+    def record_request(self, route: str, worker: str, status: int, seconds: float, received: int, sent: int) -> None:
+        """Count one answered request."""
+        self.requests += 1
+        if status >= 500:
+            self.errors += 1
+        self.inc("requests_total", route, worker, str(status))
+        self.observe("request_duration_seconds", seconds, route)
+        if received:
+            self.inc("received_bytes_total", route, value=received)
+        if sent:
+            self.inc("sent_bytes_total", route, value=sent)
+
+    def render(self, pool: WorkerPool) -> str:
+        """Return every metric in the text exposition format."""
+        lines: list[str] = []
+
+        def family(name: str, kind: str, help_text: str) -> None:
+            lines.append(f"# HELP diffusion_router_{name} {help_text}")
+            lines.append(f"# TYPE diffusion_router_{name} {kind}")
+
+        workers = list(pool.workers.values())
+        family("worker_active_requests", "gauge", "Requests in flight, by worker.")
+        lines += [f"diffusion_router_worker_active_requests{format_labels(('worker',), (w.url,))} {w.active_requests}"
+                  for w in workers]
+        family("worker_state", "gauge", "1 for the state each worker is in, by worker and state.")
+        for w in workers:
+            for state in ("healthy", "quarantined", "syncing", "sleeping"):
+                value = int(w.display_state == state)
+                lines.append(f"diffusion_router_worker_state{format_labels(('worker', 'state'), (w.url, state))} {value}")
+        family("worker_weight_version", "gauge", "Weight version each worker holds.")
+        lines += [f"diffusion_router_worker_weight_version{format_labels(('worker',), (w.url,))} {w.weight_version}"
+                  for w in workers]
+        family("weight_version", "gauge", "Weight version of the last successful update.")
+        lines.append(f"diffusion_router_weight_version {pool.weight_version}")
+        family("tracked_jobs", "gauge", "Job and file ids remembered for sticky routing.")
+        lines.append(f"diffusion_router_tracked_jobs {len(pool.job_owner)}")
+        for name, (kind, help_text, label_names) in METRICS.items():
+            family(name, kind, help_text)
+            for labels, value in self.values[name].items():
+                if kind != "histogram":
+                    lines.append(f"diffusion_router_{name}{format_labels(label_names, labels)} {value}")
+                    continue
+                cumulative = 0
+                for bound, count in zip(DURATION_BUCKETS, value.counts):
+                    cumulative += count
+                    le = format_labels((*label_names, "le"), (*labels, repr(bound)))
+                    lines.append(f"diffusion_router_{name}_bucket{le} {cumulative}")
+                inf = format_labels((*label_names, "le"), (*labels, "+Inf"))
+                lines.append(f"diffusion_router_{name}_bucket{inf} {value.count}")
+                lines.append(f"diffusion_router_{name}_sum{format_labels(label_names, labels)} {value.total}")
+                lines.append(f"diffusion_router_{name}_count{format_labels(label_names, labels)} {value.count}")
+        return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
 # Forwarding
 # --------------------------------------------------------------------------------------------
 
 CONFIG = web.AppKey("config", RouterConfig)
 POOL = web.AppKey("pool", WorkerPool)
+REQUEST_DROP_KEY = web.AppKey("request_drop", frozenset)
+ALLOWED_HOSTS = web.AppKey("allowed_hosts", tuple)
+WORKER_AUTH = web.AppKey("worker_auth", dict)
+ACTIVE = web.AppKey("active", list)
+REQUEST_ID = "diffusion_router.request_id"
+WORKER_LABEL = "diffusion_router.worker"
+RECEIVED = "diffusion_router.received"
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 PROBE_SESSION = web.AppKey("probe_session", aiohttp.ClientSession)
 TASKS = web.AppKey("tasks", set)
@@ -426,6 +587,25 @@ class ProxyError(Exception):
         self.message = message
 
 
+# Worker routes of the contract that get a metrics label of their own; any other path is "other".
+KNOWN_WORKER_PATHS = frozenset({
+    "/health_generate", "/models", "/server_info", "/model_info", "/stats", "/v1/model_info", "/v1/list_loras",
+    "/v1/diffusion/generate", "/rollout/generate", "/update_weights_from_tensor",
+    "/update_weights_from_tensor_checker", "/vertex_generate", "/v1/meshes",
+})
+CATCH_ALL = "/{tail}"
+BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def route_label(request: web.Request) -> str:
+    """Return a bounded-cardinality name for the route a request took."""
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else "other"
+    if canonical == CATCH_ALL:
+        return request.path if request.path in KNOWN_WORKER_PATHS else "other"
+    return canonical
+
+
 def json_error(status: int, message: str, **extra: Any) -> web.Response:
     """Return the router's own error response."""
     return web.json_response({"error": message, **extra}, status=status)
@@ -441,7 +621,10 @@ def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: froz
 
 def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     """Return the headers to send to a worker: the client's, minus hop-by-hop, plus X-Forwarded-*."""
-    headers = filter_headers(request.headers, REQUEST_DROP)
+    app = request.app
+    headers = filter_headers(request.headers, app[REQUEST_DROP_KEY])
+    headers.update(app[WORKER_AUTH])
+    headers["X-Request-ID"] = request[REQUEST_ID]
     peer = request.remote or ""
     prior = headers.get("X-Forwarded-For")
     headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
@@ -454,44 +637,65 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
 class RequestBody:
     """The client's request body: bytes when small, else a stream that can be sent once."""
 
-    def __init__(self, request: web.Request, data: bytes | None):
+    def __init__(self, request: web.Request, data: bytes | None, limit: int, client_timeout: float):
         self.request = request
         self.data = data
+        self.limit = limit
+        self.client_timeout = client_timeout
         self.started = False
-        self.received = 0
-        self.too_large = False
+        self.failure: ProxyError | None = None  # why the client's side of a streamed body failed
 
     @classmethod
-    async def read(cls, request: web.Request, limit: int) -> RequestBody:
+    async def read(cls, request: web.Request, config: RouterConfig) -> RequestBody:
         """Read a small body whole; leave a large or unsized one to be streamed."""
+        limit, client_timeout = config.max_request_size, config.client_timeout
         length = request.content_length
         if length is not None and length > limit:
             raise ProxyError(413, f"request body of {length} bytes exceeds the limit of {limit} bytes")
         if not request.body_exists:
-            return cls(request, None)
+            return cls(request, None, limit, client_timeout)
         if length is not None and length <= SMALL_BODY:
-            return cls(request, await request.read())
-        return cls(request, None)
+            try:
+                data = await asyncio.wait_for(request.read(), client_timeout)
+            except asyncio.TimeoutError:
+                raise ProxyError(408, f"request body not received within {client_timeout:g} s") from None
+            request[RECEIVED] = len(data)
+            return cls(request, data, limit, client_timeout)
+        return cls(request, None, limit, client_timeout)
 
     @property
     def retryable(self) -> bool:
         """Tell whether the body can still be sent to another worker."""
         return self.data is not None or not self.started
 
-    def payload(self, limit: int) -> Any:
+    def payload(self) -> Any:
         """Return what to pass as the client request's data."""
         if self.data is not None or not self.request.body_exists:
             return self.data
-        return self._stream(limit)
+        return self._stream()
 
-    async def _stream(self, limit: int):
+    async def _stream(self):
         self.started = True
-        async for chunk in self.request.content.iter_chunked(READ_CHUNK):
-            self.received += len(chunk)
-            if self.received > limit:
-                self.too_large = True
-                raise ProxyError(413, f"request body exceeds the limit of {limit} bytes")
-            yield chunk
+        content, received = self.request.content, 0
+        try:
+            while True:
+                chunk = await asyncio.wait_for(content.readany(), self.client_timeout)
+                if not chunk:
+                    break
+                received += len(chunk)
+                if received > self.limit:
+                    raise ProxyError(413, f"request body exceeds the limit of {self.limit} bytes")
+                self.request[RECEIVED] = received
+                yield chunk
+        except asyncio.TimeoutError:
+            self.failure = ProxyError(408, f"client sent no body bytes for {self.client_timeout:g} s")
+            raise
+        except ProxyError as exc:
+            self.failure = exc
+            raise
+        except (OSError, aiohttp.ClientError, web.HTTPException) as exc:  # the client broke off its upload
+            self.failure = ProxyError(400, f"client request body broken off: {exc.__class__.__name__}")
+            raise
 
 
 def worker_url(worker: Worker, path_qs: str) -> URL:
@@ -512,11 +716,13 @@ async def proxy(
     if request.method not in FORWARDED_METHODS:
         return json_error(405, f"method {request.method} is not supported")
     try:
-        body = await RequestBody.read(request, config.max_request_size)
+        body = await RequestBody.read(request, config)
     except ProxyError as exc:
         return json_error(exc.status, exc.message)
     if path_qs is None:
         path_qs = request.rel_url.raw_path_qs
+    if "%" in path_qs and BAD_PERCENT.search(path_qs):
+        return json_error(400, "invalid percent-encoding in the request target")
     if worker is None and not pool.updates_idle.is_set():
         await pool.updates_idle.wait()  # hold new work until a weight update has reached every worker
     tried: list[Worker] = []
@@ -525,7 +731,11 @@ async def proxy(
         target = worker or pool.pick(kind, exclude=tried)
         if target is None:
             break
+        if tried:
+            pool.metrics.inc("retries_total", route_label(request))
+            pool.metrics.inc("failovers_total", tried[-1].url)
         tried.append(target)
+        request[WORKER_LABEL] = target.url
         with pool.lease(target):
             try:
                 return await forward(request, target, path_qs, body, on_response)
@@ -566,7 +776,7 @@ async def forward(
     on_response: Callable[[WorkerPool, Worker, bytes], None] | None,
 ) -> web.StreamResponse:
     """Send one request to one worker and relay its answer; raise DIAL_ERRORS if it was not sent."""
-    config, pool = request.app[CONFIG], request.app[POOL]
+    pool = request.app[POOL]
     headers = upstream_headers(request)
     if body.data is None and request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)  # stream with the client's framing
@@ -576,19 +786,21 @@ async def forward(
             request.method,
             worker_url(worker, path_qs),
             headers=headers,
-            data=body.payload(config.max_request_size),
+            data=body.payload(),
             allow_redirects=False,  # a redirect is the client's to follow, not ours
         )
     except DIAL_ERRORS:
         raise
-    except ProxyError:
-        raise
     except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
+        if body.failure is not None:
+            raise body.failure from None
         log.warning("worker %s timed out on %s %s: %r", worker.url, request.method, path_qs, exc)
         raise ProxyError(504, f"worker {worker.url} timed out") from None
-    except aiohttp.ClientError as exc:
-        if body.too_large:
-            raise ProxyError(413, f"request body exceeds the limit of {config.max_request_size} bytes") from None
+    except (aiohttp.ClientError, ProxyError, OSError) as exc:
+        if body.failure is not None:  # the client's fault, not the worker's
+            raise body.failure from None
+        if isinstance(exc, ProxyError):
+            raise
         log.warning("worker %s failed on %s %s: %r", worker.url, request.method, path_qs, exc)
         pool.record_failure(worker, f"request failed: {exc!r}")
         raise ProxyError(502, f"worker {worker.url} failed: {exc.__class__.__name__}") from None
@@ -919,8 +1131,34 @@ async def handle_health_workers(request: web.Request) -> web.Response:
     pool = request.app[POOL]
     return web.json_response({
         "weight_version": pool.weight_version,
+        "totals": {"requests": pool.metrics.requests, "errors": pool.metrics.errors,
+                   "in_flight": request.app[ACTIVE][0], "tracked_jobs": len(pool.job_owner)},
         "workers": [w.describe() for w in pool.workers.values()],
     })
+
+
+async def handle_metrics(request: web.Request) -> web.Response:
+    pool = request.app[POOL]
+    return web.Response(text=pool.metrics.render(pool), content_type="text/plain",
+                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def handle_dashboard(request: web.Request) -> web.Response:
+    """Serve the status page, its table filled in so it reads without JavaScript."""
+    pool = request.app[POOL]
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            w.url, w.display_state, w.active_requests, w.consecutive_failures, w.weight_version,
+            w.task_type or "?", w.last_error or w.out_reason or "")) + "</tr>"
+        for w in pool.workers.values()
+    ) or '<tr><td colspan="7">no workers registered</td></tr>'
+    available = sum(w.available for w in pool.workers.values())
+    page = (DASHBOARD_HTML.replace("{{ROWS}}", rows)
+            .replace("{{SUMMARY}}", html.escape(
+                f"{available} of {len(pool.workers)} workers available · weight version {pool.weight_version} · "
+                f"{pool.metrics.requests} requests · {pool.metrics.errors} errors"))
+            .replace("{{VERSION}}", __version__))
+    return web.Response(text=page, content_type="text/html")
 
 
 async def handle_list_workers(request: web.Request) -> web.Response:
@@ -941,7 +1179,7 @@ async def worker_url_from(request: web.Request) -> str:
     if raw is None:
         raise ProxyError(400, "give the worker url as ?url=... or JSON {\"url\": ...}")
     try:
-        return normalize_worker_url(raw)
+        return normalize_worker_url(raw, request.app[ALLOWED_HOSTS])
     except WorkerURLError as exc:
         raise ProxyError(400, str(exc)) from None
 
@@ -1061,6 +1299,136 @@ async def handle_rest_worker(request: web.Request) -> web.Response:
     return web.json_response(worker.describe())
 
 
+# The status page: one self-contained file (no external scripts, fonts or styles) that works on an
+# offline node. The server fills in the table; the script then refreshes it from /health_workers.
+DASHBOARD_HTML = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>diffusion_router</title>
+<style>
+:root { color-scheme: light dark; --fg: #1d2330; --muted: #667085; --bg: #f7f8fa; --card: #fff;
+  --line: #e4e7ec; --ok: #12805c; --bad: #c4320a; --warn: #b54708; --sleep: #5b5bd6; }
+@media (prefers-color-scheme: dark) { :root { --fg: #e6e9ef; --muted: #98a2b3; --bg: #111418;
+  --card: #1a1f26; --line: #2c333d; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
+  color: var(--fg); background: var(--bg); }
+header { padding: 16px 24px; border-bottom: 1px solid var(--line); background: var(--card);
+  display: flex; align-items: baseline; gap: 16px; flex-wrap: wrap; }
+h1 { font-size: 18px; margin: 0; }
+h2 { font-size: 14px; margin: 0 0 8px; color: var(--muted); font-weight: 600; }
+main { padding: 20px 24px; max-width: 1200px; margin: 0 auto; display: grid; gap: 20px; }
+.card { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 16px; }
+.stats { display: grid; grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); gap: 12px; }
+.stat b { display: block; font-size: 22px; font-variant-numeric: tabular-nums; }
+.stat span { color: var(--muted); font-size: 12px; }
+table { width: 100%; border-collapse: collapse; font-variant-numeric: tabular-nums; }
+th, td { text-align: left; padding: 7px 10px; border-bottom: 1px solid var(--line); vertical-align: top; }
+th { color: var(--muted); font-weight: 600; font-size: 12px; text-transform: uppercase; }
+td:first-child { font-family: ui-monospace, SFMono-Regular, Menlo, monospace; }
+td:last-child { color: var(--muted); max-width: 380px; overflow-wrap: anywhere; }
+.state { font-weight: 600; }
+.healthy { color: var(--ok); } .quarantined { color: var(--bad); } .syncing { color: var(--warn); }
+.sleeping { color: var(--sleep); }
+.muted { color: var(--muted); }
+canvas { width: 100%; height: 160px; display: block; }
+.legend { display: flex; gap: 16px; font-size: 12px; color: var(--muted); margin-top: 6px; }
+.legend i { display: inline-block; width: 10px; height: 10px; border-radius: 2px; margin-right: 4px; }
+.wrap { overflow-x: auto; }
+</style></head>
+<body>
+<header><h1>diffusion_router</h1><span class="muted" id="summary">{{SUMMARY}}</span>
+<span class="muted" style="margin-left:auto">v{{VERSION}} · <span id="updated">static view</span></span></header>
+<main>
+<section class="card stats" id="stats" hidden>
+  <div class="stat"><b id="s-avail">–</b><span>workers available</span></div>
+  <div class="stat"><b id="s-inflight">–</b><span>requests in flight</span></div>
+  <div class="stat"><b id="s-rps">–</b><span>requests / s</span></div>
+  <div class="stat"><b id="s-errors">–</b><span>errors (5xx) total</span></div>
+  <div class="stat"><b id="s-version">–</b><span>weight version</span></div>
+</section>
+<section class="card" id="chart-card" hidden><h2>Requests and errors per second (last 5 minutes)</h2>
+  <canvas id="chart" width="1100" height="160"></canvas>
+  <div class="legend"><span><i style="background:#2e90fa"></i>requests/s</span>
+  <span><i style="background:#f04438"></i>errors/s</span></div></section>
+<section class="card"><h2>Workers</h2><div class="wrap"><table>
+<thead><tr><th>Worker</th><th>State</th><th>In flight</th><th>Failures</th><th>Weights</th><th>Task</th>
+<th>Last error</th></tr></thead>
+<tbody id="workers">{{ROWS}}</tbody></table></div>
+<noscript><p class="muted">JavaScript is off: reload the page to refresh this table.</p></noscript></section>
+</main>
+<script>
+(function () {
+  var history = [], last = null, EVERY = 2000, KEEP = 150;
+  function text(v) { return v === null || v === undefined ? "" : String(v); }
+  function cell(row, value, cls) {
+    var td = document.createElement("td"); td.textContent = text(value);
+    if (cls) td.className = cls; row.appendChild(td);
+  }
+  function draw() {
+    var c = document.getElementById("chart"), ctx = c.getContext("2d");
+    var w = c.width = c.clientWidth * (window.devicePixelRatio || 1), h = c.height = 160 * (window.devicePixelRatio || 1);
+    ctx.clearRect(0, 0, w, h);
+    var max = 1; history.forEach(function (p) { max = Math.max(max, p.rps, p.eps); });
+    ctx.strokeStyle = "rgba(128,128,128,0.25)"; ctx.lineWidth = 1;
+    for (var g = 1; g < 4; g++) { ctx.beginPath(); ctx.moveTo(0, h * g / 4); ctx.lineTo(w, h * g / 4); ctx.stroke(); }
+    ctx.fillStyle = "rgba(128,128,128,0.9)"; ctx.font = (11 * (window.devicePixelRatio || 1)) + "px system-ui";
+    ctx.fillText(max.toFixed(1) + "/s", 4, 12 * (window.devicePixelRatio || 1));
+    [["rps", "#2e90fa"], ["eps", "#f04438"]].forEach(function (s) {
+      ctx.strokeStyle = s[1]; ctx.lineWidth = 2 * (window.devicePixelRatio || 1); ctx.beginPath();
+      history.forEach(function (p, i) {
+        var x = w - (history.length - 1 - i) * (w / (KEEP - 1)), y = h - 4 - (h - 20) * p[s[0]] / max;
+        if (i === 0) ctx.moveTo(x, y); else ctx.lineTo(x, y);
+      });
+      ctx.stroke();
+    });
+  }
+  function render(data) {
+    var body = document.getElementById("workers"), now = Date.now(), t = data.totals || {};
+    var rows = document.createDocumentFragment(), available = 0;
+    data.workers.forEach(function (w) {
+      var tr = document.createElement("tr");
+      if (w.available) available++;
+      cell(tr, w.url); cell(tr, w.state, "state " + w.state); cell(tr, w.active_requests);
+      cell(tr, w.consecutive_failures); cell(tr, w.weight_version); cell(tr, w.task_type || "?");
+      cell(tr, w.last_error || w.out_reason || ""); rows.appendChild(tr);
+    });
+    if (!data.workers.length) {
+      var tr = document.createElement("tr"), td = document.createElement("td");
+      td.colSpan = 7; td.textContent = "no workers registered"; tr.appendChild(td); rows.appendChild(tr);
+    }
+    body.replaceChildren(rows);
+    if (last) {
+      var dt = Math.max((now - last.at) / 1000, 0.001);
+      history.push({ rps: Math.max(0, (t.requests - last.requests) / dt), eps: Math.max(0, (t.errors - last.errors) / dt) });
+      if (history.length > KEEP) history.shift();
+      document.getElementById("s-rps").textContent = history[history.length - 1].rps.toFixed(1);
+    }
+    last = { at: now, requests: t.requests || 0, errors: t.errors || 0 };
+    document.getElementById("s-avail").textContent = available + " / " + data.workers.length;
+    document.getElementById("s-inflight").textContent = text(t.in_flight);
+    document.getElementById("s-errors").textContent = text(t.errors);
+    document.getElementById("s-version").textContent = text(data.weight_version);
+    document.getElementById("summary").textContent = available + " of " + data.workers.length +
+      " workers available · weight version " + data.weight_version;
+    document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
+    document.getElementById("stats").hidden = false; document.getElementById("chart-card").hidden = false;
+    draw();
+  }
+  function tick() {
+    fetch("health_workers", { cache: "no-store" }).then(function (r) {
+      if (!r.ok) throw new Error("HTTP " + r.status); return r.json();
+    }).then(render).catch(function (e) {
+      document.getElementById("updated").textContent = "refresh failed: " + e.message;
+    }).finally(function () { setTimeout(tick, EVERY); });
+  }
+  tick();
+})();
+</script>
+</body></html>
+"""
+
+
 # --------------------------------------------------------------------------------------------
 # Health checks, capabilities and resync
 # --------------------------------------------------------------------------------------------
@@ -1079,6 +1447,7 @@ async def probe(app: web.Application, worker: Worker) -> None:
     except (aiohttp.ClientError, asyncio.TimeoutError, ProbeFailed) as exc:
         reason = str(exc) if isinstance(exc, ProbeFailed) else f"health check failed: {exc!r}"
         log.debug("worker %s: %s", worker.url, reason)
+        app[POOL].metrics.inc("health_probe_failures_total", worker.url)
         app[POOL].record_failure(worker, reason)
         return
     if app[POOL].record_success(worker):
@@ -1167,15 +1536,92 @@ def spawn(app: web.Application, coro: Any) -> asyncio.Task:
 # --------------------------------------------------------------------------------------------
 
 
+REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+QUIET_PATHS = frozenset({"/health", "/metrics"})
+access_log = logging.getLogger("diffusion_router.access")
+
+
 @web.middleware
-async def json_errors(request: web.Request, handler: Callable) -> web.StreamResponse:
-    """Turn aiohttp's own HTTP errors (404, 405, 413, ...) into the router's JSON errors."""
-    try:
+async def observe(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Give each request an id, bound concurrency, turn failures into JSON, count and log it."""
+    started = time.monotonic()
+    request_id = request.headers.get("X-Request-ID")
+    if request_id is None or not REQUEST_ID_PATTERN.fullmatch(request_id):  # never echo junk into logs
+        request_id = uuid.uuid4().hex
+    request[REQUEST_ID] = request_id
+    app = request.app
+    active = app[ACTIVE]
+    if active[0] >= app[CONFIG].max_concurrent_requests:
+        response: web.StreamResponse = json_error(503, "router is at its limit of concurrent requests")
+    else:
+        active[0] += 1
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:  # aiohttp's own errors (413 from read(), ...) as JSON
+            if exc.status < 400:
+                raise
+            response = json_error(exc.status, exc.reason)
+        except Exception:
+            log.exception("request %s %s %s failed inside the router", request_id, request.method, request.path)
+            response = json_error(500, "internal router error")
+        finally:
+            active[0] -= 1
+    if not response.prepared:
+        response.headers["X-Request-ID"] = request_id
+    seconds = time.monotonic() - started
+    route = route_label(request)
+    worker = request.get(WORKER_LABEL, "")
+    sent = response.body_length if response.prepared else (response.content_length or 0)
+    app[POOL].metrics.record_request(route, worker, response.status, seconds, request.get(RECEIVED, 0), sent)
+    if request.path not in QUIET_PATHS or app[CONFIG].verbose:
+        access_log.info("%s %s %s %d %s %.3fs %d", request_id, request.method, request.path_qs, response.status,
+                        worker or "-", seconds, sent)
+    return response
+
+
+def bearer_token(request: web.Request) -> str | None:
+    value = request.headers.get("Authorization", "")
+    scheme, _, token = value.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def same_key(token: str | None, key: str | None) -> bool:
+    """Compare a token with a key in constant time."""
+    return token is not None and key is not None and hmac.compare_digest(token.encode(), key.encode())
+
+
+ADMIN_PATHS = frozenset({
+    "/add_worker", "/remove_worker", "/update_weights_from_disk", "/update_weights_from_tensor",
+    "/release_memory_occupation", "/resume_memory_occupation", "/v1/set_lora", "/v1/merge_lora_weights",
+    "/v1/unmerge_lora_weights",
+})
+
+
+def is_admin_request(request: web.Request) -> bool:
+    """Tell whether a request changes the router or every worker."""
+    path = request.path
+    return path in ADMIN_PATHS or (
+        (path == "/workers" or path.startswith("/workers/")) and request.method not in ("GET", "HEAD"))
+
+
+@web.middleware
+async def authorize(request: web.Request, handler: Callable) -> web.StreamResponse:
+    """Require the API key for everything but GET /health, and the admin key for admin requests."""
+    config = request.app[CONFIG]
+    if request.path == "/health" and request.method in ("GET", "HEAD"):
         return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return json_error(exc.status, exc.reason)
+    token = bearer_token(request)
+    admin_key, api_key = config.admin_api_key, config.api_key
+    if admin_key and is_admin_request(request):
+        if same_key(token, admin_key):
+            return await handler(request)
+        if same_key(token, api_key):
+            return json_error(403, "this request changes the router or its workers: it needs the admin API key")
+    elif api_key is None or same_key(token, api_key) or same_key(token, admin_key):
+        return await handler(request)
+    log.warning("refused %s %s from %s: missing or wrong API key", request.method, request.path, request.remote)
+    return web.json_response({"error": "missing or invalid API key (Authorization: Bearer <key>)"}, status=401,
+                             headers={"WWW-Authenticate": "Bearer"})
 
 
 def own(**handlers: Callable) -> Callable:
@@ -1218,8 +1664,8 @@ async def client_sessions(app: web.Application):
 
 async def background_tasks(app: web.Application):
     """Register the configured workers, run health checks, and stop every task on shutdown."""
-    for url in app[CONFIG].worker_urls:
-        await admit_worker(app, normalize_worker_url(url))
+    urls = dict.fromkeys(normalize_worker_url(url) for url in app[CONFIG].worker_urls)
+    await asyncio.gather(*(admit_worker(app, url) for url in urls))
     spawn(app, health_loop(app))
     yield
     tasks = list(app[TASKS])
@@ -1232,14 +1678,19 @@ def create_app(config: RouterConfig | None = None) -> web.Application:
     """Build the router application; the only constructor, tests included."""
     config = config or RouterConfig()
     for url in config.worker_urls:
-        normalize_worker_url(url)  # fail at startup, not on the first request
+        normalize_worker_url(url, config.allowed_hosts())  # fail at startup, not on the first request
     app = web.Application(
         client_max_size=config.max_request_size,  # aiohttp's 1 MiB default refuses base64 images
-        middlewares=[json_errors],
+        middlewares=[observe, authorize] if config.keys_required else [observe],
     )
     app[CONFIG] = config
     app[POOL] = WorkerPool(config)
     app[TASKS] = set()
+    app[ACTIVE] = [0]
+    app[ALLOWED_HOSTS] = config.allowed_hosts()
+    # With keys of its own the router forwards the client's Authorization to no worker.
+    app[REQUEST_DROP_KEY] = REQUEST_DROP | {"authorization"} if config.keys_required else REQUEST_DROP
+    app[WORKER_AUTH] = {"Authorization": f"Bearer {config.worker_api_key}"} if config.worker_api_key else {}
     app.cleanup_ctx.append(client_sessions)
     app.cleanup_ctx.append(background_tasks)
 
@@ -1250,6 +1701,9 @@ def create_app(config: RouterConfig | None = None) -> web.Application:
 
 
 ROUTES: dict[str, Callable] = {
+    "/": own(GET=handle_dashboard),
+    "/dashboard": own(GET=handle_dashboard),
+    "/metrics": own(GET=handle_metrics),
     "/generate": own(POST=handle_generate),
     "/generate_video": own(POST=handle_generate_video),
     "/health": own(GET=handle_health),
@@ -1319,25 +1773,50 @@ def positive(kind: type) -> click.ParamType:
               help="Job and file ids remembered for sticky routing (oldest dropped first).")
 @click.option("--shutdown-timeout", default=RouterConfig.shutdown_timeout, type=click.FloatRange(min=0),
               help="Seconds in-flight requests may take to finish on SIGTERM or SIGINT.")
-@click.option("--verbose", "-v", is_flag=True, help="Log debug messages.")
+@click.option("--api-key", default=None, help="Require 'Authorization: Bearer KEY' on every request but GET /health.")
+@click.option("--admin-api-key", default=None,
+              help="Require this key instead for requests that change the router or every worker.")
+@click.option("--worker-api-key", default=None, help="Bearer token the router sends to workers.")
+@click.option("--allowed-worker-hosts", multiple=True, metavar="HOST|IP|CIDR...",
+              help="Only register workers on these hosts (env: space-separated)  [default: any]")
+@click.option("--client-timeout", default=RouterConfig.client_timeout, type=positive(float),
+              help="Seconds a client may pause while sending its request body.")
+@click.option("--max-concurrent-requests", default=RouterConfig.max_concurrent_requests, type=positive(int),
+              help="Requests handled at once; more get 503 instead of exhausting the router.")
+@click.option("--verbose", "-v", is_flag=True, help="Log debug messages and probe requests.")
 @click.version_option(__version__, "--version", prog_name="diffusion_router")
-def main(worker_urls: tuple[str, ...], more_worker_urls: tuple[str, ...], max_request_size: int, verbose: bool,
-         **options: Any) -> None:
+def main(worker_urls: tuple[str, ...], more_worker_urls: tuple[str, ...], allowed_worker_hosts: tuple[str, ...],
+         max_request_size: int, verbose: bool, **options: Any) -> None:
     """Load-balance sglang-diffusion workers behind one HTTP endpoint."""
     # click options take one value each; the URLs after the first arrive as arguments.
     urls = tuple(dict.fromkeys(u for entry in worker_urls + more_worker_urls for u in entry.split()))
+    allowed = tuple(h for entry in allowed_worker_hosts for h in entry.replace(",", " ").split())
+    config = RouterConfig(worker_urls=urls, max_request_size=max_request_size * MiB, verbose=verbose,
+                          allowed_worker_hosts=allowed, **options)
     for url in urls:
         try:
-            normalize_worker_url(url)
+            normalize_worker_url(url, config.allowed_hosts())
         except WorkerURLError as exc:
             raise click.BadParameter(str(exc), param_hint="--worker-urls") from None
-    config = RouterConfig(worker_urls=urls, max_request_size=max_request_size * MiB, verbose=verbose, **options)
+    raise_open_file_limit()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("diffusion_router %s listening on %s:%d with %d workers", __version__, config.host, config.port,
              len(urls))
     web.run_app(create_app(config), host=config.host, port=config.port, print=None,
                 shutdown_timeout=config.shutdown_timeout, access_log=None)
+
+
+def raise_open_file_limit() -> None:
+    """Lift the soft open-file limit to the hard one: each client and worker connection is a descriptor."""
+    try:
+        import resource
+    except ImportError:  # not on Unix
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

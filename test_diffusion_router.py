@@ -1278,3 +1278,14 @@ async def test_rest_worker_api_aliases(spawn_worker, router):
     assert (await client.put(f"/workers/{worker_id}", json={"quarantined": "yes"})).status == 400
     assert (await client.delete(f"/workers/{worker_id}")).status == 200
     assert (await client.get(f"/workers/{worker_id}")).status == 404
+
+
+async def test_download_reaches_the_client_while_the_worker_is_still_sending(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V", video_bytes=4 * dr.MiB, chunk_size=dr.MiB, download_pause=3)
+    client = await router(worker.url)
+    job = await (await client.post("/v1/videos", json={"prompt": "p"})).json()
+    resp = await client.get(f"/v1/videos/{job['id']}/content")
+    first = await asyncio.wait_for(resp.content.readexactly(dr.MiB), timeout=1.5)  # before the pause ends
+    assert first[:8] == (await (await client.session.get(
+        f"{worker.url}/v1/videos/{job['id']}/content")).content.readexactly(8))
+    resp.close()
