@@ -27,3 +27,14 @@ demo: install  ## two stand-in workers, the router, the README's example request
 
 clean:
 	rm -rf $(VENV) .pytest_cache __pycache__ examples/__pycache__
+
+# Benchmark: router vs direct vs nginx (least_conn); see bench/README.md.
+BENCH_FLAGS ?=
+BENCH_SUDO = $(if $(filter 0,$(shell id -u)),,sudo)
+
+bench-deps:  ## install nginx with apt (root, or sudo) so `make bench` can compare the router with it
+	$(BENCH_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update
+	$(BENCH_SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx
+
+bench: install  ## bounded benchmark on 127.0.0.1 (~3 min); table on stdout and in bench/results/latest.md
+	$(PY) bench/bench.py $(BENCH_FLAGS)

@@ -553,9 +553,11 @@ REQUEST_DROP_KEY = web.AppKey("request_drop", frozenset)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", tuple)
 WORKER_AUTH = web.AppKey("worker_auth", dict)
 ACTIVE = web.AppKey("active", list)
-REQUEST_ID = "diffusion_router.request_id"
-WORKER_LABEL = "diffusion_router.worker"
-RECEIVED = "diffusion_router.received"
+# Per-request values; web.RequestKey where this aiohttp has it (3.13+), plain names before.
+RequestKey = getattr(web, "RequestKey", lambda name, kind: f"diffusion_router.{name}")
+REQUEST_ID = RequestKey("request_id", str)
+WORKER_LABEL = RequestKey("worker", str)
+RECEIVED = RequestKey("received", int)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 PROBE_SESSION = web.AppKey("probe_session", aiohttp.ClientSession)
 TASKS = web.AppKey("tasks", set)
@@ -940,6 +942,30 @@ async def read_small_body(request: web.Request) -> bytes:
     return await request.read() if request.body_exists else b""
 
 
+async def json_object(request: web.Request, expected: str, *, empty_ok: bool = False) -> dict[str, Any]:
+    """Return a control request's body as a JSON object, or raise ProxyError(400) naming what is expected."""
+    data = await read_small_body(request)
+    if empty_ok and not data.strip():
+        return {}
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        raise ProxyError(400, f"body is not valid JSON; expected {expected}") from None
+    if not isinstance(payload, dict):
+        raise ProxyError(400, f"body must be a JSON object; expected {expected}")
+    return payload
+
+
+def require_field(payload: dict[str, Any], name: str, expected: str, *, lists: bool = False) -> None:
+    """Raise ProxyError(400) unless the field is a non-empty string (or list of them)."""
+    value = payload.get(name)
+    if isinstance(value, str) and value.strip():
+        return
+    if lists and isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value):
+        return
+    raise ProxyError(400, f"missing or empty field {name!r}; expected {expected}")
+
+
 # --------------------------------------------------------------------------------------------
 # Handlers
 # --------------------------------------------------------------------------------------------
@@ -1073,6 +1099,7 @@ async def handle_sleep(request: web.Request) -> web.Response:
     targets = [w for w in pool.workers.values() if w.reachable]
     if not targets:
         return json_error(503, "no worker to put to sleep")
+    await json_object(request, "an empty body or {}", empty_ok=True)
     results = await broadcast(request, targets, "/release_memory_occupation", await read_small_body(request))
     for worker, result in zip(targets, results):
         if result.ok:
@@ -1086,6 +1113,7 @@ async def handle_wake(request: web.Request) -> web.Response:
     targets = [w for w in pool.workers.values() if w.reachable or w.sleeping]
     if not targets:
         return json_error(503, "no worker to wake")
+    await json_object(request, "an empty body or {}", empty_ok=True)
     results = await broadcast(request, targets, "/resume_memory_occupation", await read_small_body(request))
     for worker, result in zip(targets, results):
         if result.ok:
@@ -1095,8 +1123,18 @@ async def handle_wake(request: web.Request) -> web.Response:
     return broadcast_response(results)
 
 
+LORA_BODIES = {
+    "/v1/set_lora": 'JSON like {"lora_nickname": "style", "lora_path": "/loras/style"}',
+    "/v1/merge_lora_weights": 'JSON like {"target": "all", "strength": 1.0}',
+    "/v1/unmerge_lora_weights": 'JSON like {"target": "all"}',
+}
+
+
 async def handle_broadcast(request: web.Request) -> web.Response:
     """Send a LoRA change to every available worker, one result per worker."""
+    payload = await json_object(request, LORA_BODIES[request.path], empty_ok=request.path != "/v1/set_lora")
+    if request.path == "/v1/set_lora":
+        require_field(payload, "lora_nickname", LORA_BODIES[request.path], lists=True)
     targets = [w for w in request.app[POOL].workers.values() if w.available]
     if not targets:
         return json_error(503, "no available worker")
@@ -1105,6 +1143,7 @@ async def handle_broadcast(request: web.Request) -> web.Response:
 
 async def handle_checksum(request: web.Request) -> web.Response:
     """Ask every worker for its weight checksums and say whether they all agree."""
+    await json_object(request, 'JSON like {"module_names": ["transformer"]}', empty_ok=True)
     targets = [w for w in request.app[POOL].workers.values() if w.reachable]
     if not targets:
         return json_error(503, "no worker to ask")
@@ -1139,7 +1178,7 @@ async def handle_health_workers(request: web.Request) -> web.Response:
 
 async def handle_metrics(request: web.Request) -> web.Response:
     pool = request.app[POOL]
-    return web.Response(text=pool.metrics.render(pool), content_type="text/plain",
+    return web.Response(body=pool.metrics.render(pool).encode(),
                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
@@ -1169,12 +1208,7 @@ async def worker_url_from(request: web.Request) -> str:
     """Return the normalised worker URL a request names, or raise ProxyError(400)."""
     raw = request.query.get("url") or request.query.get("worker_url")
     if raw is None and request.body_exists:
-        try:
-            payload = json.loads(await request.read())
-        except ValueError:
-            raise ProxyError(400, "body must be JSON like {\"url\": \"http://host:port\"}") from None
-        if not isinstance(payload, dict):
-            raise ProxyError(400, "body must be a JSON object like {\"url\": \"http://host:port\"}")
+        payload = await json_object(request, 'JSON like {"url": "http://host:port"}')
         raw = payload.get("url", payload.get("worker_url"))
     if raw is None:
         raise ProxyError(400, "give the worker url as ?url=... or JSON {\"url\": ...}")
@@ -1185,10 +1219,7 @@ async def worker_url_from(request: web.Request) -> str:
 
 
 async def handle_add_worker(request: web.Request) -> web.Response:
-    try:
-        url = await worker_url_from(request)
-    except ProxyError as exc:
-        return json_error(exc.status, exc.message)
+    url = await worker_url_from(request)
     worker, created = await admit_worker(request.app, url)
     return web.json_response(
         {"status": "added" if created else "exists", "url": url, "worker": worker.describe(),
@@ -1210,10 +1241,7 @@ async def admit_worker(app: web.Application, url: str) -> tuple[Worker, bool]:
 
 
 async def handle_remove_worker(request: web.Request) -> web.Response:
-    try:
-        url = await worker_url_from(request)
-    except ProxyError as exc:
-        return json_error(exc.status, exc.message)
+    url = await worker_url_from(request)
     worker = request.app[POOL].remove(url)
     if worker is None:
         return json_error(404, f"worker {url} is not registered")
@@ -1223,17 +1251,23 @@ async def handle_remove_worker(request: web.Request) -> web.Response:
 async def handle_update_weights(request: web.Request) -> web.Response:
     """Broadcast a weight update; on success it becomes the version every worker must hold."""
     app, pool = request.app, request.app[POOL]
-    body = await read_small_body(request)
+    expected = 'JSON like {"model_path": "/checkpoints/step-100"}'
+    require_field(await json_object(request, expected), "model_path", expected)
+    body = await read_small_body(request)  # forwarded as sent, byte for byte
     async with pool.weight_lock:
         targets = [w for w in pool.workers.values() if w.available]
         if not targets:
             return json_error(503, "no available worker to update")
         pool.updates_idle.clear()
+        started = time.monotonic()
         try:
             results = await broadcast(request, targets, "/update_weights_from_disk", body)
         finally:
             pool.updates_idle.set()
         succeeded = [w for w, r in zip(targets, results) if r.ok]
+        outcome = "ok" if len(succeeded) == len(targets) else "partial" if succeeded else "failed"
+        pool.metrics.inc("weight_updates_total", outcome)
+        pool.metrics.observe("weight_update_duration_seconds", time.monotonic() - started)
         if succeeded:
             version = pool.weight_version + 1
             pool.weights = WeightUpdate(version, body, request.headers.get("Content-Type", "application/json"),
@@ -1277,19 +1311,13 @@ def worker_from_path(request: web.Request) -> Worker:
 async def handle_rest_worker(request: web.Request) -> web.Response:
     """GET, PUT ({"quarantined": bool} or {"is_dead": bool}) or DELETE one worker."""
     app, pool = request.app, request.app[POOL]
-    try:
-        worker = worker_from_path(request)
-    except ProxyError as exc:
-        return json_error(exc.status, exc.message)
+    worker = worker_from_path(request)
     if request.method == "DELETE":
         pool.remove(worker.url)
         return web.json_response({"status": "removed", "url": worker.url, "in_flight": worker.active_requests})
     if request.method == "PUT":
-        try:
-            payload = json.loads(await read_small_body(request))
-        except ValueError:
-            return json_error(400, 'body must be JSON like {"quarantined": true}')
-        flag = payload.get("quarantined", payload.get("is_dead")) if isinstance(payload, dict) else None
+        payload = await json_object(request, 'JSON like {"quarantined": true}')
+        flag = payload.get("quarantined", payload.get("is_dead"))
         if not isinstance(flag, bool):
             return json_error(400, 'body must be a JSON object with a boolean "quarantined" (or "is_dead")')
         if flag and worker.state != QUARANTINED:
@@ -1566,8 +1594,6 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
             response = json_error(500, "internal router error")
         finally:
             active[0] -= 1
-    if not response.prepared:
-        response.headers["X-Request-ID"] = request_id
     seconds = time.monotonic() - started
     route = route_label(request)
     worker = request.get(WORKER_LABEL, "")
@@ -1577,6 +1603,13 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
         access_log.info("%s %s %s %d %s %.3fs %d", request_id, request.method, request.path_qs, response.status,
                         worker or "-", seconds, sent)
     return response
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """Return the request id on every response, streamed ones included, just before its headers go."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers["X-Request-ID"] = request_id
 
 
 def bearer_token(request: web.Request) -> str | None:
@@ -1635,7 +1668,10 @@ def own(**handlers: Callable) -> Callable:
         if handler is None:
             return web.json_response({"error": f"method {request.method} not allowed on {request.path}"},
                                      status=405, headers={"Allow": allowed})
-        return await handler(request)
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return json_error(exc.status, exc.message)
 
     return dispatch
 
@@ -1683,6 +1719,7 @@ def create_app(config: RouterConfig | None = None) -> web.Application:
         client_max_size=config.max_request_size,  # aiohttp's 1 MiB default refuses base64 images
         middlewares=[observe, authorize] if config.keys_required else [observe],
     )
+    app.on_response_prepare.append(stamp_request_id)
     app[CONFIG] = config
     app[POOL] = WorkerPool(config)
     app[TASKS] = set()

@@ -22,7 +22,11 @@ from aiohttp import web
 import diffusion_router as dr
 from examples.stand_in_worker import BEHAVIOUR, SEEN, STATE, WorkerBehaviour, start_worker
 
-pytestmark = pytest.mark.asyncio
+pytestmark = [
+    pytest.mark.asyncio,
+    # The module-wide asyncio mark also lands on the few plain tests; that is harmless.
+    pytest.mark.filterwarnings("ignore:The test <Function.*is marked with '@pytest.mark.asyncio'"),
+]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 QUIET = dict(health_check_interval=3600.0)  # health is stepped by hand, never by the clock
@@ -1289,3 +1293,235 @@ async def test_download_reaches_the_client_while_the_worker_is_still_sending(spa
     assert first[:8] == (await (await client.session.get(
         f"{worker.url}/v1/videos/{job['id']}/content")).content.readexactly(8))
     resp.close()
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 5: metrics, request ids, access log, status page
+# --------------------------------------------------------------------------------------------
+
+import logging  # noqa: E402
+import re  # noqa: E402
+
+SAMPLE_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+LABEL_PAIR = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)')
+
+
+def parse_exposition(text: str) -> dict[str, dict]:
+    """Parse the Prometheus text format 0.0.4 strictly; fail on anything its parser would reject."""
+    assert text.endswith("\n")
+    families: dict[str, dict] = {}
+    current = None
+    seen_series = set()
+    for line in text.splitlines():
+        assert line.strip() == line and line, f"blank or padded line: {line!r}"
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _, kind, name, rest = line.split(" ", 3)
+            family = families.setdefault(name, {"samples": []})
+            assert kind not in family, f"second {kind} for {name}"
+            assert not family["samples"], f"{kind} after samples of {name}"
+            family[kind] = rest
+            if kind == "TYPE":
+                assert rest in ("counter", "gauge", "histogram", "summary", "untyped")
+            current = name
+            continue
+        assert not line.startswith("#"), line
+        match = SAMPLE_LINE.match(line)
+        assert match, f"bad sample line {line!r}"
+        name, labels_text, value = match.groups()
+        float(value)
+        labels = {}
+        if labels_text:
+            position = 0
+            for pair in LABEL_PAIR.finditer(labels_text):
+                assert pair.start() == position, f"bad labels {labels_text!r}"
+                labels[pair.group(1)] = pair.group(2)
+                position = pair.end()
+            assert position == len(labels_text), f"bad labels {labels_text!r}"
+        family_name = current
+        assert family_name is not None and (name == family_name or (
+            families[family_name].get("TYPE") == "histogram" and name in
+            (f"{family_name}_bucket", f"{family_name}_sum", f"{family_name}_count"))), f"{name} outside its family"
+        key = (name, tuple(sorted(labels.items())))
+        assert key not in seen_series, f"duplicate series {key}"
+        seen_series.add(key)
+        families[family_name]["samples"].append((name, labels, float(value)))
+    for name, family in families.items():
+        assert "HELP" in family and "TYPE" in family, name
+        if family["TYPE"] == "histogram":
+            buckets: dict[tuple, list] = {}
+            counts = {}
+            for sample, labels, value in family["samples"]:
+                rest = tuple(sorted((k, v) for k, v in labels.items() if k != "le"))
+                if sample.endswith("_bucket"):
+                    buckets.setdefault(rest, []).append((labels["le"], value))
+                elif sample.endswith("_count"):
+                    counts[rest] = value
+            for rest, series in buckets.items():
+                assert series[-1][0] == "+Inf"
+                bounds = [float(le) for le, _ in series[:-1]]
+                assert bounds == sorted(bounds)
+                values = [v for _, v in series]
+                assert values == sorted(values), "buckets must be cumulative"
+                assert series[-1][1] == counts[rest]
+    return families
+
+
+def sample_value(families, name: str, **labels) -> float:
+    family = families[name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")]
+    matches = [v for n, lab, v in family["samples"] if n == name and all(lab.get(k) == v2 for k, v2 in labels.items())]
+    assert len(matches) == 1, (name, labels, matches)
+    return matches[0]
+
+
+async def scrape(client) -> dict[str, dict]:
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return parse_exposition(await resp.text())
+
+
+async def test_metrics_count_requests_by_route_worker_and_code(spawn_worker, router):
+    ok, failing = await spawn_worker(), await spawn_worker(fail_status=500)
+    client = await router(ok.url, failing.url)
+    for _ in range(4):
+        await client.post("/generate", json=PROMPT)
+    await client.get("/health")
+    metrics = await scrape(client)
+    p = "diffusion_router_"
+    assert sample_value(metrics, p + "requests_total", route="/generate", worker=ok.url, code="200") == 2
+    assert sample_value(metrics, p + "requests_total", route="/generate", worker=failing.url, code="500") == 2
+    assert sample_value(metrics, p + "requests_total", route="/health", worker="", code="200") == 1
+    assert sample_value(metrics, p + "request_duration_seconds_count", route="/generate") == 4
+    assert sample_value(metrics, p + "request_duration_seconds_bucket", route="/generate", le="+Inf") == 4
+    assert sample_value(metrics, p + "received_bytes_total", route="/generate") == 4 * len(json.dumps(PROMPT))
+    assert sample_value(metrics, p + "sent_bytes_total", route="/generate") > 0
+    assert sample_value(metrics, p + "worker_active_requests", worker=ok.url) == 0
+    assert sample_value(metrics, p + "worker_state", worker=ok.url, state="healthy") == 1
+    assert sample_value(metrics, p + "worker_state", worker=ok.url, state="quarantined") == 0
+    assert sample_value(metrics, p + "worker_weight_version", worker=ok.url) == 0
+
+
+async def test_metrics_catch_all_routes_have_bounded_labels(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    await client.get("/stats")
+    for i in range(5):
+        await client.get(f"/random/path/{i}")
+    metrics = await scrape(client)
+    routes = {lab["route"] for n, lab, _ in metrics["diffusion_router_requests_total"]["samples"]}
+    assert routes == {"/stats", "other"}
+
+
+async def test_metrics_count_health_failures_quarantines_recoveries_and_failovers(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    gone = dead_url()
+    client = await router(a.url, b.url, gone)
+    worker_of(client, a.url).last_picked = worker_of(client, b.url).last_picked = 10**9
+    await client.post("/generate", json=PROMPT)  # tries the dead worker first, then fails over
+    await quarantine(client, b)
+    await recover(client, b)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    metrics = await scrape(client)
+    p = "diffusion_router_"
+    assert sample_value(metrics, p + "retries_total", route="/generate") == 1
+    assert sample_value(metrics, p + "failovers_total", worker=gone) == 1
+    assert sample_value(metrics, p + "quarantines_total", worker=gone) == 1
+    assert sample_value(metrics, p + "quarantines_total", worker=b.url) == 1
+    assert sample_value(metrics, p + "recoveries_total", worker=b.url) == 1
+    assert sample_value(metrics, p + "health_probe_failures_total", worker=b.url) == 3
+    assert sample_value(metrics, p + "weight_updates_total", result="ok") == 1
+    assert sample_value(metrics, p + "weight_update_duration_seconds_count") == 1
+
+
+def test_metric_label_values_are_escaped():
+    assert dr.escape_label('a"b\\c\nd') == 'a\\"b\\\\c\\nd'
+    metrics = dr.Metrics()
+    metrics.inc("health_probe_failures_total", 'http://we"ird\\host\n')
+    text = metrics.render(dr.WorkerPool(dr.RouterConfig()))
+    parsed = parse_exposition(text)
+    assert sample_value(parsed, "diffusion_router_health_probe_failures_total",
+                        worker='http://we\\"ird\\\\host\\n') == 1
+
+
+async def test_client_request_id_reaches_the_worker_and_comes_back(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    resp = await client.post("/generate", json=PROMPT, headers={"X-Request-ID": "rollout-7.step-3"})
+    assert resp.headers["X-Request-ID"] == "rollout-7.step-3"
+    assert worker.seen[-1].headers["X-Request-ID"] == "rollout-7.step-3"
+
+
+@pytest.mark.parametrize("given", [None, "", "x" * 500, "bad id\twith tab", "évil"])
+async def test_missing_or_unsafe_request_ids_are_replaced(spawn_worker, router, given):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    headers = {} if given is None else {"X-Request-ID": given}
+    resp = await client.post("/generate", json=PROMPT, headers=headers)
+    rid = resp.headers["X-Request-ID"]
+    assert re.fullmatch(r"[0-9a-f]{32}", rid)
+    assert worker.seen[-1].headers["X-Request-ID"] == rid
+
+
+async def test_request_id_is_on_streamed_and_error_responses(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V", video_bytes=2 * dr.MiB)
+    client = await router(worker.url)
+    job = await (await client.post("/v1/videos", json={"prompt": "p"})).json()
+    resp = await client.get(f"/v1/videos/{job['id']}/content", headers={"X-Request-ID": "dl-1"})
+    assert resp.headers["X-Request-ID"] == "dl-1"
+    await resp.read()
+    resp = await client.get("/v1/videos/nope", headers={"X-Request-ID": "err-1"})
+    assert resp.status == 404 and resp.headers["X-Request-ID"] == "err-1"
+
+
+async def test_access_log_has_one_line_per_request(spawn_worker, router, caplog):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    with caplog.at_level(logging.INFO, logger="diffusion_router.access"):
+        await client.post("/generate", json=PROMPT, headers={"X-Request-ID": "req-42"})
+        await client.get("/health")
+        await client.get("/metrics")
+    lines = [r.getMessage() for r in caplog.records if r.name == "diffusion_router.access"]
+    assert len(lines) == 1
+    rid, method, path, status, worker_url, duration, size = lines[0].split(" ")
+    assert (rid, method, path, status, worker_url) == ("req-42", "POST", "/generate", "200", worker.url)
+    assert duration.endswith("s") and float(duration[:-1]) >= 0 and int(size) > 0
+    assert caplog.records[0].created > 0  # time comes from the log record
+
+
+async def test_verbose_access_log_includes_probes(router, caplog):
+    client = await router(verbose=True)
+    with caplog.at_level(logging.INFO, logger="diffusion_router.access"):
+        await client.get("/health")
+        await client.get("/metrics")
+    paths = [r.getMessage().split(" ")[2] for r in caplog.records if r.name == "diffusion_router.access"]
+    assert paths == ["/health", "/metrics"]
+
+
+@pytest.mark.parametrize("path", ["/", "/dashboard"])
+async def test_status_page_is_self_contained_html_with_the_worker_table(spawn_worker, router, path):
+    worker = await spawn_worker()
+    client = await router(worker.url, dead_url())
+    resp = await client.get(path)
+    assert resp.status == 200 and resp.content_type == "text/html"
+    page = await resp.text()
+    assert worker.url in page and "<table" in page and "healthy" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(\s*['"]?https?:""", page)
+    assert "health_workers" in page  # the script refreshes from the router's own JSON
+    assert worker.paths() == ["/v1/models"]  # served by the router, not forwarded
+
+
+async def test_status_page_escapes_worker_errors(router):
+    client = await router()
+    pool = pool_of(client)
+    w, _ = pool.add("http://127.0.0.1:1")
+    w.last_error = "<script>alert(1)</script>"
+    page = await (await client.get("/")).text()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;" in page
+
+
+async def test_health_workers_reports_router_totals(spawn_worker, router):
+    worker = await spawn_worker(fail_status=503)
+    client = await router(worker.url)
+    await client.post("/generate", json=PROMPT)
+    totals = (await (await client.get("/health_workers")).json())["totals"]
+    assert totals["requests"] == 1 and totals["errors"] == 1 and totals["in_flight"] == 1  # this request

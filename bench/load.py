@@ -79,7 +79,7 @@ async def one_request(session: aiohttp.ClientSession, args: argparse.Namespace, 
             status = response.status
     except asyncio.CancelledError:
         raise
-    except Exception as exc:  # counted, never fatal: a broken answer is a result
+    except Exception as exc:  # noqa: BLE001 - counted, never fatal: a broken answer is a result
         if run is not None:
             run.errors[type(exc).__name__] += 1
         return
@@ -116,16 +116,22 @@ async def phase(session: aiohttp.ClientSession, args: argparse.Namespace, body: 
     return bool(pending) or issued < total
 
 
-async def main_async(args: argparse.Namespace) -> dict:
+def request_body(args: argparse.Namespace) -> bytes | None:
     if args.body_file:
         with open(args.body_file, "rb") as f:
-            body: bytes | None = f.read()
-    elif args.body is not None:
-        body = args.body.encode()
-    elif args.body_size:
-        body = json.dumps({"prompt": "x" * max(0, args.body_size - 14)}).encode()
-    else:
-        body = None
+            return f.read()
+    if args.body is not None:
+        return args.body.encode()
+    if args.body_size:
+        return json.dumps({"prompt": "x" * max(0, args.body_size - 14)}).encode()
+    return None
+
+
+def ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+async def main_async(args: argparse.Namespace, body: bytes | None) -> dict:
     headers = {"Content-Type": args.content_type} if body is not None else {}
     for header in args.header:
         name, _, value = header.partition(":")
@@ -142,7 +148,6 @@ async def main_async(args: argparse.Namespace) -> dict:
         capped = await phase(session, args, body, args.requests, run, start + args.time_cap)
         elapsed = time.perf_counter() - start
     lat = sorted(run.latencies)
-    ms = lambda v: None if v is None else round(v * 1000, 3)  # noqa: E731
     result = {
         "url": args.url,
         "count": len(lat),
@@ -169,7 +174,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--url", required=True)
     p.add_argument("--requests", type=int, required=True, help="answers to wait for")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (= connections)")
-    p.add_argument("--time-cap", type=float, default=60.0, help="seconds the measured requests may take (the warm-up gets as long)")
+    p.add_argument("--time-cap", type=float, default=60.0,
+                   help="seconds the measured requests may take (the warm-up gets as long)")
     p.add_argument("--method", default="GET")
     body = p.add_mutually_exclusive_group()
     body.add_argument("--body", help="request body text")
@@ -188,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         print("--requests and --concurrency must be at least 1", file=sys.stderr)
         return 2
     raise_fd_limit()
-    result = asyncio.run(main_async(args))
+    result = asyncio.run(main_async(args, request_body(args)))
     print(json.dumps(result), flush=True)
     return 0
 
