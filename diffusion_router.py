@@ -723,8 +723,6 @@ async def proxy(
         return json_error(exc.status, exc.message)
     if path_qs is None:
         path_qs = request.rel_url.raw_path_qs
-    if "%" in path_qs and BAD_PERCENT.search(path_qs):
-        return json_error(400, "invalid percent-encoding in the request target")
     if worker is None and not pool.updates_idle.is_set():
         await pool.updates_idle.wait()  # hold new work until a weight update has reached every worker
     tried: list[Worker] = []
@@ -1308,18 +1306,25 @@ def worker_from_path(request: web.Request) -> Worker:
     return worker
 
 
+async def quarantine_flag(request: web.Request) -> bool:
+    """Return the boolean a PUT /workers/{worker_id} body sets, or raise ProxyError(400)."""
+    expected = 'JSON like {"quarantined": true} (or "is_dead")'
+    payload = await json_object(request, expected)
+    flag = payload.get("quarantined", payload.get("is_dead"))
+    if not isinstance(flag, bool):
+        raise ProxyError(400, f"missing or non-boolean field 'quarantined'; expected {expected}")
+    return flag
+
+
 async def handle_rest_worker(request: web.Request) -> web.Response:
     """GET, PUT ({"quarantined": bool} or {"is_dead": bool}) or DELETE one worker."""
     app, pool = request.app, request.app[POOL]
+    flag = await quarantine_flag(request) if request.method == "PUT" else None
     worker = worker_from_path(request)
     if request.method == "DELETE":
         pool.remove(worker.url)
         return web.json_response({"status": "removed", "url": worker.url, "in_flight": worker.active_requests})
-    if request.method == "PUT":
-        payload = await json_object(request, 'JSON like {"quarantined": true}')
-        flag = payload.get("quarantined", payload.get("is_dead"))
-        if not isinstance(flag, bool):
-            return json_error(400, 'body must be a JSON object with a boolean "quarantined" (or "is_dead")')
+    if flag is not None:
         if flag and worker.state != QUARANTINED:
             pool.set_state(worker, QUARANTINED, "quarantined by an operator")
         elif not flag and worker.state == QUARANTINED:
@@ -1508,7 +1513,8 @@ async def health_loop(app: web.Application) -> None:
 
 async def read_capabilities(app: web.Application, worker: Worker) -> None:
     """Learn the worker's task type from GET /v1/models; leave it unknown if the worker can't say."""
-    timeout = aiohttp.ClientTimeout(total=app[CONFIG].health_check_timeout)
+    config = app[CONFIG]
+    timeout = aiohttp.ClientTimeout(total=config.health_check_timeout, sock_connect=config.connect_timeout)
     result = await call_worker(app, worker, "GET", "/v1/models", timeout=timeout)
     try:
         task_type = result.body["data"][0]["task_type"] if result.ok else None
@@ -1579,8 +1585,11 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     request[REQUEST_ID] = request_id
     app = request.app
     active = app[ACTIVE]
-    if active[0] >= app[CONFIG].max_concurrent_requests:
-        response: web.StreamResponse = json_error(503, "router is at its limit of concurrent requests")
+    target = request.raw_path
+    if "%" in target and BAD_PERCENT.search(target):
+        response: web.StreamResponse = json_error(400, "invalid percent-encoding in the request target")
+    elif active[0] >= app[CONFIG].max_concurrent_requests:
+        response = json_error(503, "router is at its limit of concurrent requests")
     else:
         active[0] += 1
         try:

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -744,20 +745,21 @@ def free_port() -> int:
 async def router_process(*args: str, env: dict | None = None):
     """Run the router as a real process on a free port; stop it however the test ends."""
     port = free_port()
+    output = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the router
     proc = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "diffusion_router.py"), "--host", "127.0.0.1", *args],
         env={**os.environ, "DIFFUSION_ROUTER_PORT": str(port), **(env or {})},
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=output, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             deadline = time.monotonic() + 20
             while True:
-                assert proc.poll() is None, proc.stdout.read()
-                with contextlib.suppress(aiohttp.ClientError):
-                    async with session.get(url + "/list_workers") as resp:
-                        if resp.status == 200:
+                assert proc.poll() is None, "router exited at startup"
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with session.get(url + "/health") as resp:
+                        if resp.status in (200, 503):
                             break
                 assert time.monotonic() < deadline, "router did not start"
                 await asyncio.sleep(0.05)
@@ -766,7 +768,7 @@ async def router_process(*args: str, env: dict | None = None):
         if proc.poll() is None:
             proc.kill()
         proc.wait(timeout=10)
-        proc.stdout.close()
+        output.close()
 
 
 async def test_cli_reads_options_from_environment_variables(spawn_worker):
@@ -1525,3 +1527,243 @@ async def test_health_workers_reports_router_totals(spawn_worker, router):
     await client.post("/generate", json=PROMPT)
     totals = (await (await client.get("/health_workers")).json())["totals"]
     assert totals["requests"] == 1 and totals["errors"] == 1 and totals["in_flight"] == 1  # this request
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 6: access control, worker addresses, hostile input
+# --------------------------------------------------------------------------------------------
+
+ADMIN_REQUESTS = [
+    ("POST", "/add_worker", {"url": "http://127.0.0.1:9"}),
+    ("POST", "/remove_worker", {"url": "http://127.0.0.1:9"}),
+    ("POST", "/update_weights_from_disk", {"model_path": "/m"}),
+    ("POST", "/update_weights_from_tensor", {"serialized_named_tensors": []}),
+    ("POST", "/release_memory_occupation", {}),
+    ("POST", "/resume_memory_occupation", {}),
+    ("POST", "/v1/set_lora", {"lora_nickname": "a"}),
+    ("POST", "/v1/merge_lora_weights", {}),
+    ("POST", "/v1/unmerge_lora_weights", {}),
+    ("POST", "/workers", {"url": "http://127.0.0.1:9"}),
+    ("PUT", "/workers/http%3A%2F%2F127.0.0.1%3A9", {"quarantined": True}),
+    ("DELETE", "/workers/http%3A%2F%2F127.0.0.1%3A9", None),
+]
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+async def test_api_key_is_needed_for_everything_but_health(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url, api_key="s3cret")
+    assert (await client.get("/health")).status == 200
+    for headers in ({}, bearer("wrong"), {"Authorization": "Basic czNjcmV0"}, {"Authorization": "Bearer"}):
+        resp = await client.post("/generate", json=PROMPT, headers=headers)
+        assert resp.status == 401
+        assert resp.headers["WWW-Authenticate"] == "Bearer"
+        assert "error" in await resp.json()
+    for path in ("/list_workers", "/health_workers", "/metrics", "/", "/v1/models"):
+        assert (await client.get(path)).status == 401, path
+    assert worker.generations() == 0
+    resp = await client.post("/generate", json=PROMPT, headers=bearer("s3cret"))
+    assert resp.status == 200
+    assert "Authorization" not in worker.seen[-1].headers  # the router's key stays at the router
+
+
+@pytest.mark.parametrize("method,path,body", ADMIN_REQUESTS)
+async def test_admin_requests_need_the_admin_key(spawn_worker, router, method, path, body):
+    worker = await spawn_worker()
+    client = await router(worker.url, api_key="user-key", admin_api_key="admin-key")
+    seen_before = len(worker.seen)
+    resp = await client.request(method, path, json=body, headers=bearer("user-key"))
+    assert resp.status == 403
+    assert "admin" in (await resp.json())["error"]
+    assert (await client.request(method, path, json=body)).status == 401
+    assert len(worker.seen) == seen_before
+    resp = await client.request(method, path, json=body, headers=bearer("admin-key"))
+    assert resp.status not in (401, 403)
+
+
+async def test_plain_requests_accept_either_key(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url, api_key="user-key", admin_api_key="admin-key")
+    for key in ("user-key", "admin-key"):
+        assert (await client.get("/list_workers", headers=bearer(key))).status == 200
+        assert (await client.post("/generate", json=PROMPT, headers=bearer(key))).status == 200
+
+
+async def test_admin_key_alone_guards_only_changes(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url, admin_api_key="admin-key")
+    assert (await client.post("/generate", json=PROMPT)).status == 200
+    assert (await client.post("/add_worker", json={"url": worker.url})).status == 401
+    assert (await client.post("/add_worker", json={"url": worker.url}, headers=bearer("admin-key"))).status == 200
+
+
+async def test_router_sends_its_own_worker_key_and_never_the_clients(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url, api_key="client-key", worker_api_key="worker-key")
+    await client.post("/generate", json=PROMPT, headers=bearer("client-key"))
+    await client.post("/update_weights_from_disk", json=UPDATE, headers=bearer("client-key"))
+    generation, update = worker.seen[-2:]
+    assert generation.headers["Authorization"] == update.headers["Authorization"] == "Bearer worker-key"
+
+
+async def test_keys_are_never_logged(spawn_worker, router, caplog):
+    worker = await spawn_worker()
+    client = await router(worker.url, api_key="user-key-123", admin_api_key="admin-key-456", verbose=True)
+    with caplog.at_level(logging.DEBUG):
+        await client.post("/generate", json=PROMPT, headers=bearer("user-key-123"))
+        await client.post("/add_worker", json={"url": worker.url}, headers=bearer("user-key-123"))
+        await client.get("/list_workers", headers=bearer("guess-789"))
+    text = caplog.text
+    assert caplog.records and not any(k in text for k in ("user-key-123", "admin-key-456", "guess-789"))
+
+
+async def test_api_key_from_the_environment(spawn_worker):
+    worker = await spawn_worker()
+    async with router_process("--worker-urls", worker.url, env={"DIFFUSION_ROUTER_API_KEY": "env-key"}) as proc:
+        async with aiohttp.ClientSession() as session:
+            async with session.get(proc.url + "/health") as resp:
+                assert resp.status == 200
+            async with session.post(proc.url + "/generate", json=PROMPT) as resp:
+                assert resp.status == 401
+            async with session.post(proc.url + "/generate", json=PROMPT, headers=bearer("env-key")) as resp:
+                assert resp.status == 200
+
+
+def test_allowed_worker_hosts_restrict_registration():
+    allowed = dr.RouterConfig(allowed_worker_hosts=("gpu1", "10.0.0.0/8", "::1")).allowed_hosts()
+    assert dr.normalize_worker_url("http://GPU1:10090", allowed) == "http://gpu1:10090"
+    assert dr.normalize_worker_url("http://10.1.2.3:10090", allowed) == "http://10.1.2.3:10090"
+    assert dr.normalize_worker_url("http://[::1]:10090", allowed) == "http://[::1]:10090"
+    for url in ("http://gpu2:10090", "http://11.0.0.1:10090", "http://127.0.0.1:10090"):
+        with pytest.raises(dr.WorkerURLError):
+            dr.normalize_worker_url(url, allowed)
+
+
+async def test_add_worker_outside_the_allowed_hosts_is_400(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(allowed_worker_hosts=("192.0.2.0/24",))
+    resp = await client.post("/add_worker", json={"url": worker.url})
+    assert resp.status == 400 and "allowed" in (await resp.json())["error"]
+    assert worker.seen == []
+    client = await router(allowed_worker_hosts=("127.0.0.0/8",))
+    assert (await client.post("/add_worker", json={"url": worker.url})).status == 201
+
+
+async def raw_exchange(client, data: bytes, *, then: bytes = b"", pause: float = 0.0) -> tuple[int, bytes]:
+    """Send raw bytes to the router; return the status and body of its answer."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        if pause:
+            await asyncio.sleep(pause)
+            writer.write(then)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        status = int(head.split(b" ", 2)[1])
+        length = re.search(rb"(?i)content-length: *(\d+)", head)
+        body = await asyncio.wait_for(reader.readexactly(int(length.group(1))), 10) if length else b""
+        return status, body
+    finally:
+        writer.close()
+
+
+async def test_absolute_uri_and_host_header_never_choose_the_destination(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    request = (b"GET http://169.254.169.254/latest/meta-data HTTP/1.1\r\nHost: 169.254.169.254\r\n"
+               b"Connection: close\r\n\r\n")
+    status, _ = await raw_exchange(client, request)
+    assert status == 404  # the registered worker's own 404
+    assert worker.seen[-1].path == "/latest/meta-data"
+    await client.get("/stats", headers={"Host": "evil.example:80"})
+    assert worker.seen[-1].path == "/stats"
+
+
+def http(method: str, target: str, body: bytes = b"", headers: str = "") -> bytes:
+    return (f"{method} {target} HTTP/1.1\r\nHost: router\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+            f"{headers}\r\n").encode() + body
+
+
+J = "Content-Type: application/json\r\n"
+# Every kind of bad input tried, the status it must get, and whether the router itself answers in JSON
+# (False: aiohttp's HTTP parser refuses the framing with plain text before the router sees it).
+BAD_INPUT = [
+    ("malformed JSON to add_worker", http("POST", "/add_worker", b"{nope", J), 400, True),
+    ("JSON array to add_worker", http("POST", "/add_worker", b"[1]", J), 400, True),
+    ("url of the wrong type", http("POST", "/add_worker", b'{"url": 5}', J), 400, True),
+    ("missing url", http("POST", "/add_worker", b"{}", J), 400, True),
+    ("empty url", http("POST", "/add_worker", b'{"url": ""}', J), 400, True),
+    ("metadata worker", http("POST", "/add_worker?url=http://169.254.169.254"), 400, True),
+    ("malformed JSON weight update", http("POST", "/update_weights_from_disk", b"{", J), 400, True),
+    ("weight update without model_path", http("POST", "/update_weights_from_disk", b"{}", J), 400, True),
+    ("weight update with empty model_path", http("POST", "/update_weights_from_disk", b'{"model_path": " "}', J),
+     400, True),
+    ("weight update of the wrong type", http("POST", "/update_weights_from_disk", b'"m"', J), 400, True),
+    ("set_lora without nickname", http("POST", "/v1/set_lora", b'{"lora_path": "/x"}', J), 400, True),
+    ("sleep with a non-object body", http("POST", "/release_memory_occupation", b"[]", J), 400, True),
+    ("PUT worker with a non-boolean", http("PUT", "/workers/http%3A%2F%2F127.0.0.1%3A9", b'{"quarantined": 1}', J),
+     400, True),
+    ("worker id that is no URL", http("GET", "/workers/not-a-url"), 400, True),
+    ("invalid percent-encoding in the path", http("GET", "/v1/videos/%ZZ"), 400, True),
+    ("invalid percent-encoding in the query", http("GET", "/stats?a=%G1"), 400, True),
+    ("unknown method", http("PROPFIND", "/stats"), 405, True),
+    ("wrong method on a router path", http("DELETE", "/health"), 405, True),
+    ("body over the size limit", http("POST", "/generate", b"x" * (2 * dr.MiB + 1), J), 413, True),
+    ("unknown job id", http("GET", "/v1/videos/does-not-exist"), 404, True),
+    ("header over 8 KiB", http("GET", "/stats", headers="X-Big: " + "a" * 9000 + "\r\n"), 400, False),
+    ("malformed header line", http("GET", "/stats", headers="Bad Header\r\n"), 400, False),
+    ("200 headers", http("GET", "/stats", headers="".join(f"X-{i}: 1\r\n" for i in range(200))), 400, False),
+    ("invalid method token", b"G@T /stats HTTP/1.1\r\nHost: r\r\n\r\n", 400, False),
+    ("binary garbage", b"\x00\x01\x02\x03 garbage\r\n\r\n", 400, False),
+    ("invalid Content-Length", b"POST /generate HTTP/1.1\r\nHost: r\r\nContent-Length: abc\r\n\r\n", 400, False),
+    ("Content-Length with chunked", b"POST /generate HTTP/1.1\r\nHost: r\r\nContent-Length: 5\r\n"
+     b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400, False),
+    ("bad chunk size", b"POST /upload HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nab\r\n0\r\n\r\n",
+     400, False),
+]
+
+
+@pytest.mark.parametrize("name,request_bytes,status,router_json", BAD_INPUT, ids=[b[0] for b in BAD_INPUT])
+async def test_bad_input_gets_a_clear_4xx_and_changes_nothing(spawn_worker, router, name, request_bytes, status,
+                                                             router_json):
+    worker = await spawn_worker()
+    client = await router(worker.url, max_request_size=2 * dr.MiB)
+    before = (await (await client.get("/health_workers")).json())["workers"]
+    got, body = await raw_exchange(client, request_bytes)
+    assert got == status
+    if router_json:
+        assert "error" in json.loads(body)
+    after = (await (await client.get("/health_workers")).json())["workers"]
+    assert [(w["url"], w["state"], w["weight_version"]) for w in after] == \
+        [(w["url"], w["state"], w["weight_version"]) for w in before]
+    assert worker.generations() == 0 and not worker.state.weight_updates
+    assert (await client.post("/generate", json=PROMPT)).status == 200  # still serving
+    assert all(w.active_requests == 0 for w in pool_of(client).workers.values())
+
+
+@pytest.mark.parametrize("size", [200, 2 * dr.MiB])  # read whole, and streamed
+async def test_stalled_request_body_is_cut_off_by_the_client_timeout(spawn_worker, router, size):
+    worker = await spawn_worker()
+    client = await router(worker.url, client_timeout=0.3)
+    head = (f"POST /generate HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {size}\r\n\r\n").encode()
+    status, body = await raw_exchange(client, head + b"x" * (size // 2))
+    assert status == 408
+    assert "error" in json.loads(body)
+    await wait_for(lambda: worker_of(client, worker.url).active_requests == 0)
+    assert worker_of(client, worker.url).state == dr.HEALTHY  # the client's fault, not the worker's
+
+
+async def test_requests_beyond_the_concurrency_limit_get_503(spawn_worker, router):
+    worker = await spawn_worker(latency=0.4)
+    client = await router(worker.url, max_concurrent_requests=2)
+    held = [asyncio.ensure_future(client.post("/generate", json=PROMPT)) for _ in range(2)]
+    await wait_for(lambda: worker.generations() == 2)
+    resp = await client.post("/generate", json=PROMPT)
+    assert resp.status == 503
+    assert "limit" in (await resp.json())["error"]
+    assert [r.status for r in await asyncio.gather(*held)] == [200, 200]
+    assert (await client.post("/generate", json=PROMPT)).status == 200

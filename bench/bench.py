@@ -335,6 +335,20 @@ def children(pid: int) -> list[int]:
         return found
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process, 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    return cpu_seconds(pid) + sum(cpu_seconds(c) for c in children(pid))
+
+
 def tree_kb(pid: int, key: str = "VmRSS") -> int:
     """Sum a kB field over a process and its children (nginx: master and workers)."""
     return proc_status_kb(pid, key) + sum(proc_status_kb(c, key) for c in children(pid))
@@ -345,10 +359,13 @@ def tree_kb(pid: int, key: str = "VmRSS") -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def load_cmd(url: str, requests: int, concurrency: int, time_cap: float, method: str = "POST",
+def load_cmd(url: str | list[str], requests: int, concurrency: int, time_cap: float, method: str = "POST",
              body: str | None = IMAGE_BODY, warmup: int = 0, split_size: int | None = None) -> list[str]:
-    cmd = [PY, str(LOAD), "--url", url, "--requests", str(requests), "--concurrency", str(concurrency),
+    """Command line of one load generator run; several URLs share the clients in turn."""
+    cmd = [PY, str(LOAD), "--requests", str(requests), "--concurrency", str(concurrency),
            "--time-cap", str(time_cap), "--method", method, "--warmup", str(warmup)]
+    for one in [url] if isinstance(url, str) else url:
+        cmd += ["--url", one]
     if body is not None:
         cmd += ["--body", body]
     if split_size is not None:
@@ -431,24 +448,51 @@ class Bench:
     def targets(self) -> list[str]:
         return ["router", "direct"] + (["nginx"] if self.nginx else [])
 
-    def interleave(self, name: str, urls: dict[str, str], make: Callable[[str], list[str]],
-                   rounds: int | None = None) -> dict[str, list[dict[str, Any]]]:
-        """Measure the targets in turn, round after round (order rotating); return the runs per target."""
+    def interleave(self, name: str, urls: dict[str, Any], make: Callable[[Any], list[str]],
+                   pids: dict[str, int] | None = None, rounds: int | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Measure the targets in turn, round after round (order rotating); return the runs per target.
+
+        `pids` names the proxy process of a target (router, nginx master): the CPU time it and its
+        children used during each run is recorded as cpu_ms_per_request.
+        """
         rounds = rounds or self.rounds
+        pids = pids or {}
         targets = [t for t in self.targets() if t in urls]
         runs: dict[str, list[dict[str, Any]]] = {t: [] for t in targets}
         for r in range(rounds):
             for target in rotated(targets, r):
+                pid = pids.get(target)
+                cpu_before = tree_cpu_seconds(pid) if pid else 0.0
                 result = run_load(make(urls[target]))
+                if pid and result["count"]:
+                    result["cpu_ms_per_request"] = (tree_cpu_seconds(pid) - cpu_before) * 1000 / result["count"]
                 runs[target].append(result)
                 self.say(f"  {name} round {r + 1}/{rounds} {target:6s}: {brief(result)}")
         self.raw[name] = runs
         return runs
 
+    def image_targets(self, workers: list[str]) -> tuple[dict[str, Any], dict[str, int]]:
+        """Start the router and nginx over the workers; return the image-generation URL(s) and proxy pid of each.
+
+        Direct means the load generator's clients split evenly over the same workers, so every worker
+        sees the same load as behind a proxy.
+        """
+        router_proc, router = start_router(self.procs, workers)
+        direct = [w + "/v1/images/generations" for w in workers]
+        urls: dict[str, Any] = {"router": router + "/generate", "direct": direct}
+        pids = {"router": router_proc.pid}
+        if self.nginx:
+            nginx_proc, nginx = self.nginx.start(self.procs, workers)
+            urls["nginx"] = nginx + "/v1/images/generations"
+            pids["nginx"] = nginx_proc.pid
+        return urls, pids
+
 
 def brief(result: dict[str, Any]) -> str:
     text = (f"{result['count']} ok, {result['errors']} errors in {result['elapsed']:.2f} s, "
             f"{result['rps']} req/s, {result['mb_per_s']} MiB/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+    if "cpu_ms_per_request" in result:
+        text += f", proxy CPU {result['cpu_ms_per_request']:.3f} ms/request"
     if result.get("error_kinds"):
         text += f" {result['error_kinds']}"
     if result.get("capped"):
@@ -456,10 +500,10 @@ def brief(result: dict[str, Any]) -> str:
     return text
 
 
-def fmt(value: float | None, unit: str = "", digits: int = 1) -> str:
+def fmt(value: float | None, unit: str = "", digits: int = 1, sign: bool = False) -> str:
     if value is None:
         return "n/a"
-    return f"{value:,.{digits}f}{unit}"
+    return f"{value:{'+' if sign else ''},.{digits}f}{unit}"
 
 
 def verdict(passed: bool | None) -> str:
@@ -488,6 +532,13 @@ def errors_note(runs: dict[str, list[dict[str, Any]]]) -> str:
     return "; ".join(parts)
 
 
+def cpu_note(runs: dict[str, list[dict[str, Any]]]) -> str:
+    """Median proxy CPU time per request, router and nginx."""
+    cpu = {t: median([r.get("cpu_ms_per_request") for r in rs]) for t, rs in runs.items()}
+    parts = [f"{t} {cpu[t]:.3f} ms" for t in ("router", "nginx") if cpu.get(t) is not None]
+    return f"proxy CPU per request: {', '.join(parts)}. " if parts else ""
+
+
 def clean(runs: dict[str, list[dict[str, Any]]], target: str) -> bool:
     return target in runs and all(not r["errors"] and not r["capped"] for r in runs[target])
 
@@ -501,60 +552,58 @@ def scenario_small(b: Bench) -> None:
     """~300 B answers from instant workers, 64 concurrent: requests per second."""
     with b.procs.scope():
         workers = [start_worker(b.procs, f"worker{i}", image_bytes=SMALL_IMAGE)[1] for i in range(2)]
-        _, router = start_router(b.procs, workers)
-        urls = {"router": router + "/generate", "direct": workers[0] + "/v1/images/generations"}
-        if b.nginx:
-            urls["nginx"] = b.nginx.start(b.procs, workers)[1] + "/v1/images/generations"
-        n = b.args.scale(4000)
-        runs = b.interleave("small", urls, lambda url: load_cmd(url, n, 64, 30, warmup=b.args.scale(500)))
+        urls, pids = b.image_targets(workers)
+        n = b.args.scale(5000)
+        runs = b.interleave("small", urls, lambda url: load_cmd(url, n, 64, 30, warmup=b.args.scale(500)), pids)
     rps = {t: median([r["rps"] for r in rs]) for t, rs in runs.items()}
     ratio = rps["router"] / rps["nginx"] if rps.get("nginx") else None
     judged = ratio is not None and clean(runs, "router")
     b.rows.append(Row("small bodies (~330 B), instant workers, 64 concurrent", "requests/s",
                       fmt(rps["router"], digits=0), fmt(rps["direct"], digits=0), fmt(rps.get("nginx"), digits=0),
                       fmt(ratio, "x nginx", 2), ">= 0.15x nginx", ratio >= 0.15 if judged else None,
-                      errors_note(runs)))
+                      cpu_note(runs) + errors_note(runs)))
 
 
 def scenario_large(b: Bench) -> None:
     """1.5 MB JSON answers, 16 concurrent: MB/s."""
     with b.procs.scope():
         workers = [start_worker(b.procs, f"worker{i}", image_bytes=LARGE_IMAGE)[1] for i in range(2)]
-        _, router = start_router(b.procs, workers)
-        urls = {"router": router + "/generate", "direct": workers[0] + "/v1/images/generations"}
-        if b.nginx:
-            urls["nginx"] = b.nginx.start(b.procs, workers)[1] + "/v1/images/generations"
+        urls, pids = b.image_targets(workers)
         n = b.args.scale(300)
-        runs = b.interleave("large", urls, lambda url: load_cmd(url, n, 16, 30, warmup=b.args.scale(32)))
+        runs = b.interleave("large", urls, lambda url: load_cmd(url, n, 16, 30, warmup=b.args.scale(32)), pids)
     mbps = {t: median([r["mb_per_s"] for r in rs]) for t, rs in runs.items()}
     ratio = mbps["router"] / mbps["nginx"] if mbps.get("nginx") else None
     judged = ratio is not None and clean(runs, "router")
     b.rows.append(Row("1.5 MB JSON answers, 16 concurrent", "MiB/s",
                       fmt(mbps["router"]), fmt(mbps["direct"]), fmt(mbps.get("nginx")),
                       fmt(ratio, "x nginx", 2), ">= 0.6x nginx", ratio >= 0.6 if judged else None,
-                      errors_note(runs)))
+                      cpu_note(runs) + errors_note(runs)))
 
 
 def scenario_latency(b: Bench) -> None:
     """Workers answering in 200 ms, 64 concurrent: p99 added over direct."""
     with b.procs.scope():
         workers = [start_worker(b.procs, f"worker{i}", image_bytes=SMALL_IMAGE, latency=0.2)[1] for i in range(2)]
-        _, router = start_router(b.procs, workers)
-        urls = {"router": router + "/generate", "direct": workers[0] + "/v1/images/generations"}
-        if b.nginx:
-            urls["nginx"] = b.nginx.start(b.procs, workers)[1] + "/v1/images/generations"
-        n = b.args.scale(640)
-        runs = b.interleave("latency", urls, lambda url: load_cmd(url, n, 64, 30, warmup=64))
+        urls, pids = b.image_targets(workers)
+        n = b.args.scale(1280)  # 20 waves of 64: a p99 of 1280 latencies per round
+        runs = b.interleave("latency", urls, lambda url: load_cmd(url, n, 64, 30, warmup=64), pids)
     p99 = {t: median([r["p99_ms"] for r in rs]) for t, rs in runs.items()}
-    added = {t: median([rs[i]["p99_ms"] - runs["direct"][i]["p99_ms"] for i in range(len(rs))])
-             for t, rs in runs.items()}
+
+    def added(target: str, key: str = "p99_ms") -> float | None:
+        """Median over rounds of the target's percentile minus direct's in the same round."""
+        if target not in runs:
+            return None
+        return median([a[key] - d[key] for a, d in zip(runs[target], runs["direct"])])
+
     judged = clean(runs, "router") and clean(runs, "direct")
     b.rows.append(Row("workers answering in 200 ms, 64 concurrent", "p99 latency (ms)",
                       fmt(p99["router"]), fmt(p99["direct"]), fmt(p99.get("nginx")),
-                      f"router +{fmt(added['router'])} ms, nginx +{fmt(added.get('nginx'))} ms",
-                      "<= +10 ms over direct", added["router"] <= 10 if judged else None,
-                      "ratio column: median over rounds of p99(target) - p99(direct) of the same round. "
-                      + errors_note(runs)))
+                      f"router {fmt(added('router'), ' ms', sign=True)}, nginx {fmt(added('nginx'), ' ms', sign=True)}",
+                      "<= 10 ms added over direct", added("router") <= 10 if judged else None,
+                      "ratio column: median over rounds of p99(target) - p99(direct) of the same round "
+                      f"(at p50: router {fmt(added('router', 'p50_ms'), ' ms', sign=True)}, "
+                      f"nginx {fmt(added('nginx', 'p50_ms'), ' ms', sign=True)}). "
+                      + cpu_note(runs) + errors_note(runs)))
 
 
 def scenario_download(b: Bench) -> None:
@@ -583,7 +632,8 @@ def scenario_download(b: Bench) -> None:
         make = partial(load_cmd, requests=1, concurrency=1, time_cap=60, method="GET", body=None)
         for url in urls.values():  # warm-up: one unmeasured download each
             run_load(make(url))
-        runs = b.interleave("download", urls, make, rounds=max(b.rounds, 5))  # 0.2-1 s each: cheap
+        pids = {"router": router_proc.pid, **({"nginx": nginx_proc.pid} if nginx_proc else {})}
+        runs = b.interleave("download", urls, make, pids, rounds=max(b.rounds, 5))  # 0.2-1 s each: cheap
         hwm_kb = proc_status_kb(router_proc.pid, "VmHWM")
         nginx_hwm = max((proc_status_kb(c, "VmHWM") for c in children(nginx_proc.pid)), default=0) \
             if nginx_proc else None
@@ -622,8 +672,7 @@ def scenario_share(b: Bench) -> None:
     nginx_delta = share["nginx"] - ideal if share.get("nginx") is not None else None
     b.rows.append(Row("one worker 5x slower than the other, 16 concurrent", "% of requests to the fast worker",
                       fmt(share["router"], " %"), "—", fmt(share.get("nginx"), " %"),
-                      f"router {delta:+.1f} pts, nginx {fmt(nginx_delta, ' pts') if nginx_delta is not None else 'n/a'}"
-                      if delta is not None else "n/a",
+                      f"router {fmt(delta, ' pts', sign=True)}, nginx {fmt(nginx_delta, ' pts', sign=True)}",
                       f"within 5 pts of ideal {ideal:.1f} %",
                       abs(delta) <= 5 if delta is not None and clean(runs, "router") else None,
                       "share counted from answer sizes (fast worker ~1 KB, slow ~22 KB). " + errors_note(runs)))
@@ -718,6 +767,7 @@ def header(args: argparse.Namespace, nginx: Nginx | None, seconds: float) -> str
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     raise_fd_limit()
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C even when started with SIGINT ignored
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally on `kill` too
     nginx = None if args.no_nginx else find_nginx(args.nginx, args.nginx_workers)
     tmp = Path(tempfile.mkdtemp(prefix="router-bench-"))

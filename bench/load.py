@@ -5,7 +5,8 @@
 
 `--concurrency` clients each send a request, read the whole answer (bytes are counted, never
 parsed) and send the next, until `--requests` answers arrived or `--time-cap` seconds passed.
-The aiohttp connector allows exactly `--concurrency` connections, all kept alive.
+The aiohttp connector allows exactly `--concurrency` connections, all kept alive. Given several
+`--url`s, the clients are spread over them in turn (client i always uses url i mod n).
 `--warmup N` first sends N requests the same way, unmeasured (connections stay open).
 
 Prints one JSON object: count (2xx answers), errors (others, by status or exception name),
@@ -64,11 +65,11 @@ class Run:
         self.above = 0
 
 
-async def one_request(session: aiohttp.ClientSession, args: argparse.Namespace, body: bytes | None,
+async def one_request(session: aiohttp.ClientSession, args: argparse.Namespace, url: str, body: bytes | None,
                       run: Run | None) -> None:
     started = time.perf_counter()
     try:
-        async with session.request(args.method, args.url, data=body) as response:
+        async with session.request(args.method, url, data=body) as response:
             length = response.content_length
             if length is not None and length <= BIG:
                 size = len(await response.read())
@@ -102,13 +103,13 @@ async def phase(session: aiohttp.ClientSession, args: argparse.Namespace, body: 
     """Send `total` requests over `concurrency` loops; return True if the deadline cut it short."""
     issued = 0
 
-    async def client() -> None:
+    async def client(url: str) -> None:
         nonlocal issued
         while issued < total and time.perf_counter() < deadline:
             issued += 1
-            await one_request(session, args, body, run)
+            await one_request(session, args, url, body, run)
 
-    tasks = [asyncio.ensure_future(client()) for _ in range(min(args.concurrency, total))]
+    tasks = [asyncio.ensure_future(client(args.url[i % len(args.url)])) for i in range(min(args.concurrency, total))]
     _, pending = await asyncio.wait(tasks, timeout=max(0.0, deadline - time.perf_counter()))
     for task in pending:
         task.cancel()
@@ -171,7 +172,7 @@ async def main_async(args: argparse.Namespace, body: bytes | None) -> dict:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--url", required=True)
+    p.add_argument("--url", required=True, action="append", help="target (repeatable: clients take turns)")
     p.add_argument("--requests", type=int, required=True, help="answers to wait for")
     p.add_argument("--concurrency", type=int, default=1, help="requests in flight (= connections)")
     p.add_argument("--time-cap", type=float, default=60.0,

@@ -168,6 +168,7 @@ def curl(method: str, url: str, body: Any = None, output: str | None = None) -> 
 @dataclass
 class Answer:
     status: int
+    reason: str | None
     headers: Any
     body: Any  # parsed JSON, or text when the answer is not JSON
 
@@ -215,7 +216,7 @@ class Demo:
                 else:
                     show_json(parsed)
                 self.check(f"{method} {path}", response.status, expect)
-            return Answer(response.status, response.headers, parsed)
+            return Answer(response.status, response.reason, response.headers, parsed)
 
     async def download(self, path: str, filename: str, *, expect: int = 200) -> None:
         """Fetch a file through the router; print status, content type and size, not the bytes."""
@@ -363,7 +364,7 @@ async def run_requests(demo: Demo, worker_c: Process) -> None:
               "Only the request counters are shown (the first 10 lines of them).")
     print(curl("GET", demo.router + "/metrics") + " | grep '^diffusion_router_requests_total' | head -10")
     answer = await demo.call("GET", "/metrics", quiet=True)
-    print(f"-> HTTP {answer.status}   Content-Type: {answer.headers.get('Content-Type')}")
+    print(f"-> HTTP {answer.status} {answer.reason}   Content-Type: {answer.headers.get('Content-Type')}")
     demo.check("GET /metrics", answer.status, 200)
     if not isinstance(answer.body, str):  # an error answer is JSON
         show_json(answer.body)
@@ -425,16 +426,22 @@ async def run_demo(procs: Processes) -> int:
     return 0
 
 
+def on_sigterm(signum: int, frame: Any) -> None:
+    """Stop as Ctrl-C does, so the same cleanup runs."""
+    raise KeyboardInterrupt(signum)
+
+
 def main() -> int:
     sys.stdout.reconfigure(line_buffering=True)  # under make, stdout is a pipe: show steps as they run
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM cleans up as Ctrl-C does
+    signal.signal(signal.SIGTERM, on_sigterm)
     with tempfile.TemporaryDirectory(prefix="diffusion-router-demo-") as log_dir:
         procs = Processes(Path(log_dir))
         try:
             return asyncio.run(run_demo(procs))
-        except KeyboardInterrupt:
-            print("\nInterrupted.")
-            return 130
+        except KeyboardInterrupt as exc:
+            terminated = exc.args == (signal.SIGTERM,)
+            print("\nTerminated." if terminated else "\nInterrupted.")
+            return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
         except DemoFailed as exc:
             print(f"\nFAILED: {exc}")
             procs.show_logs()
