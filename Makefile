@@ -38,3 +38,7 @@ bench-deps:  ## install nginx with apt (root, or sudo) so `make bench` can compa
 
 bench: install  ## bounded benchmark on 127.0.0.1 (~3 min); table on stdout and in bench/results/latest.md
 	$(PY) bench/bench.py $(BENCH_FLAGS)
+
+soak: install  ## the long stress run: 50k requests, 1000 concurrent, vanishing clients, killed workers (<= 10 min)
+	STRESS_REQUESTS=50000 STRESS_CONCURRENCY=1000 STRESS_SECONDS=600 \
+		$(PY) -m pytest -q -p no:cacheprovider test_diffusion_router.py -k stress

@@ -1158,6 +1158,7 @@ async def handle_health(request: web.Request) -> web.Response:
         "status": "healthy" if available else "unhealthy",
         "healthy_workers": len(available),
         "total_workers": len(pool.workers),
+        "sleeping_workers": sum(w.sleeping for w in pool.workers.values()),
         "weight_version": pool.weight_version,
         "weights_consistent": versions <= {pool.weight_version},
     }
@@ -1169,7 +1170,7 @@ async def handle_health_workers(request: web.Request) -> web.Response:
     return web.json_response({
         "weight_version": pool.weight_version,
         "totals": {"requests": pool.metrics.requests, "errors": pool.metrics.errors,
-                   "in_flight": request.app[ACTIVE][0], "tracked_jobs": len(pool.job_owner)},
+                   "in_flight": request.app[ACTIVE][0] - 1, "tracked_jobs": len(pool.job_owner)},
         "workers": [w.describe() for w in pool.workers.values()],
     })
 
@@ -1789,7 +1790,8 @@ def positive(kind: type) -> click.ParamType:
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "DIFFUSION_ROUTER",
                                  "show_default": True, "max_content_width": 100})
 @click.option("--host", default=RouterConfig.host, help="Address to listen on.")
-@click.option("--port", default=RouterConfig.port, type=click.IntRange(1, 65535), help="Port to listen on.")
+@click.option("--port", default=RouterConfig.port, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port, logged at startup).")
 @click.option("--worker-urls", multiple=True, metavar="URL...",
               help="Initial workers: --worker-urls URL URL ... (env: space-separated).")
 @click.argument("more_worker_urls", nargs=-1, metavar="", required=False)
@@ -1847,9 +1849,11 @@ def main(worker_urls: tuple[str, ...], more_worker_urls: tuple[str, ...], allowe
     raise_open_file_limit()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("diffusion_router %s listening on %s:%d with %d workers", __version__, config.host, config.port,
-             len(urls))
-    web.run_app(create_app(config), host=config.host, port=config.port, print=None,
+    log.info("diffusion_router %s starting with %d workers", __version__, len(urls))
+    # run_app reports the bound address (the real port when --port 0) once it listens.
+    announce = lambda message: log.info("%s", message.splitlines()[0].strip("= "))  # noqa: E731
+    logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if verbose else logging.CRITICAL)  # parse-error noise
+    web.run_app(create_app(config), host=config.host, port=config.port, print=announce,
                 shutdown_timeout=config.shutdown_timeout, access_log=None)
 
 
