@@ -1091,33 +1091,23 @@ async def handle_models(request: web.Request) -> web.Response:
     return merged_list(results, list(cards.values()))
 
 
-async def handle_sleep(request: web.Request) -> web.Response:
-    """Put every worker to sleep (release GPU memory); track which ones sleep."""
-    pool = request.app[POOL]
-    targets = [w for w in pool.workers.values() if w.reachable]
-    if not targets:
-        return json_error(503, "no worker to put to sleep")
-    await json_object(request, "an empty body or {}", empty_ok=True)
-    results = await broadcast(request, targets, "/release_memory_occupation", await read_small_body(request))
-    for worker, result in zip(targets, results):
-        if result.ok:
-            worker.sleeping = bool(result.body.get("sleeping", True)) if isinstance(result.body, dict) else True
-    return broadcast_response(results)
-
-
-async def handle_wake(request: web.Request) -> web.Response:
-    """Wake every sleeping or serving worker, quarantined sleepers included."""
+async def handle_memory(request: web.Request) -> web.Response:
+    """Sleep (release) or wake (resume) every worker; learn which ones sleep from their answers."""
     app, pool = request.app, request.app[POOL]
-    targets = [w for w in pool.workers.values() if w.reachable or w.sleeping]
-    if not targets:
-        return json_error(503, "no worker to wake")
     await json_object(request, "an empty body or {}", empty_ok=True)
-    results = await broadcast(request, targets, "/resume_memory_occupation", await read_small_body(request))
+    release = request.path == "/release_memory_occupation"
+    # A wake also reaches sleepers that were quarantined meanwhile: /health says nothing of sleep.
+    targets = [w for w in pool.workers.values() if w.reachable or (w.sleeping and not release)]
+    if not targets:
+        return json_error(503, "no worker to put to sleep" if release else "no worker to wake")
+    results = await broadcast(request, targets, request.path, await read_small_body(request))
     for worker, result in zip(targets, results):
-        if result.ok:
-            worker.sleeping = bool(result.body.get("sleeping", False)) if isinstance(result.body, dict) else False
-            if worker.state == HEALTHY and worker.weight_version < pool.weight_version:
-                begin_rejoin(app, worker)  # it slept through a weight update
+        if not result.ok:
+            continue
+        answer = result.body.get("sleeping") if isinstance(result.body, dict) else None
+        worker.sleeping = release if answer is None else bool(answer)
+        if not worker.sleeping and worker.state == HEALTHY and worker.weight_version < pool.weight_version:
+            begin_rejoin(app, worker)  # it slept through a weight update
     return broadcast_response(results)
 
 
@@ -1277,10 +1267,12 @@ async def handle_update_weights(request: web.Request) -> web.Response:
                 elif not worker.removed:
                     pool.set_state(worker, SYNCING, f"weight update {version} failed: {result.error or result.body}")
             log.info("weight update %d reached %d of %d workers", version, len(succeeded), len(targets))
+    skipped = [{"url": w.url, "reason": f"{w.display_state}: receives the update before it serves again"}
+               for w in pool.workers.values() if w not in targets]
     for worker in pool.workers.values():
         if worker.state == SYNCING:
             begin_rejoin(app, worker)
-    return broadcast_response(results, weight_version=pool.weight_version)
+    return broadcast_response(results, weight_version=pool.weight_version, skipped=skipped)
 
 
 def model_path_of(body: bytes) -> str | None:
@@ -1761,8 +1753,8 @@ ROUTES: dict[str, Callable] = {
     "/workers": own(GET=handle_rest_workers_list, POST=handle_add_worker),
     "/workers/{worker_id}": own(GET=handle_rest_worker, PUT=handle_rest_worker, DELETE=handle_rest_worker),
     "/update_weights_from_disk": own(POST=handle_update_weights),
-    "/release_memory_occupation": own(POST=handle_sleep),
-    "/resume_memory_occupation": own(POST=handle_wake),
+    "/release_memory_occupation": own(POST=handle_memory),
+    "/resume_memory_occupation": own(POST=handle_memory),
     "/v1/set_lora": own(POST=handle_broadcast),
     "/v1/merge_lora_weights": own(POST=handle_broadcast),
     "/v1/unmerge_lora_weights": own(POST=handle_broadcast),

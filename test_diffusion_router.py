@@ -1152,7 +1152,9 @@ async def test_worker_asleep_during_an_update_gets_it_when_woken(spawn_worker, r
     worker_of(client, b.url).sleeping = True
     resp = await client.post("/update_weights_from_disk", json=UPDATE)
     assert resp.status == 200
-    assert [r["url"] for r in (await resp.json())["results"]] == [a.url]
+    result = await resp.json()
+    assert [r["url"] for r in result["results"]] == [a.url]
+    assert [s["url"] for s in result["skipped"]] == [b.url] and "sleeping" in result["skipped"][0]["reason"]
     await client.post("/resume_memory_occupation", json={})
     await settle(client)
     assert b.state.weight_updates == [UPDATE]
