@@ -46,7 +46,7 @@ WORKER = ROOT / "examples" / "stand_in_worker.py"
 LOAD = ROOT / "bench" / "load.py"
 RESULTS = ROOT / "bench" / "results"
 PY = sys.executable
-MiB = 1 << 20
+KIB_TO_MB = 1024 / 1e6  # /proc/<pid>/status counts in KiB; the targets and the table speak MB and KB
 
 SMALL_IMAGE = 16  # bytes of image: a b64_json answer of about 330 B
 LARGE_IMAGE = 1_179_648  # 1.125 MiB of image: 1.5 MiB of base64 in the JSON answer
@@ -94,7 +94,8 @@ class Procs:
         self.counter += 1
         log = self.tmp / f"{self.counter:02d}-{name}.log"
         with open(log, "wb") as out:
-            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+            popen = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+                                     env=child_env())
         proc = Proc(name, popen, log)
         self.running.append(proc)
         return proc
@@ -127,6 +128,11 @@ class Procs:
                 self.stop(proc)
 
 
+def child_env() -> dict[str, str]:
+    """The environment without DIFFUSION_ROUTER_* settings: the router gets only the bench's options."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("DIFFUSION_ROUTER_")}
+
+
 def free_port() -> int:
     """Return a port the OS picks as free on 127.0.0.1 (released for the child to bind)."""
     with socket.socket() as s:
@@ -134,9 +140,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Straight to 127.0.0.1, whatever http_proxy says.
+OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
+        with OPENER.open(url, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -145,7 +155,7 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 def http_post(url: str, body: str, timeout: float = 10.0) -> tuple[int, bytes]:
     request = urllib.request.Request(url, data=body.encode(), headers={"Content-Type": "application/json"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with OPENER.open(request, timeout=timeout) as response:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
@@ -198,7 +208,7 @@ def start_worker(procs: Procs, name: str, **switches: Any) -> tuple[Proc, str]:
 
 def start_router(procs: Procs, workers: list[str], *extra: str) -> tuple[Proc, str]:
     def ready(status: int, body: bytes) -> bool:
-        return status == 200 and json.loads(body).get("healthy_workers") == len(workers)
+        return status == 200 and json.loads(body).get("healthy_workers", len(workers)) == len(workers)
 
     return start_with_port(
         procs, "router",
@@ -490,7 +500,7 @@ class Bench:
 
 def brief(result: dict[str, Any]) -> str:
     text = (f"{result['count']} ok, {result['errors']} errors in {result['elapsed']:.2f} s, "
-            f"{result['rps']} req/s, {result['mb_per_s']} MiB/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+            f"{result['rps']} req/s, {result['mb_per_s']} MB/s, p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
     if "cpu_ms_per_request" in result:
         text += f", proxy CPU {result['cpu_ms_per_request']:.3f} ms/request"
     if result.get("error_kinds"):
@@ -517,7 +527,7 @@ def markdown(rows: list[Row]) -> str:
         cells = [row.scenario, row.measure, row.router, row.direct, row.nginx, row.ratio, row.target,
                  verdict(row.passed)]
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [f"- {row.scenario}: {row.note}" for row in rows if row.note]
+    notes = [f"- {row.scenario}: {row.note.strip()}" for row in rows if row.note.strip()]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -574,7 +584,7 @@ def scenario_large(b: Bench) -> None:
     mbps = {t: median([r["mb_per_s"] for r in rs]) for t, rs in runs.items()}
     ratio = mbps["router"] / mbps["nginx"] if mbps.get("nginx") else None
     judged = ratio is not None and clean(runs, "router")
-    b.rows.append(Row("1.5 MB JSON answers, 16 concurrent", "MiB/s",
+    b.rows.append(Row("1.5 MB JSON answers, 16 concurrent", "MB/s",
                       fmt(mbps["router"]), fmt(mbps["direct"]), fmt(mbps.get("nginx")),
                       fmt(ratio, "x nginx", 2), ">= 0.6x nginx", ratio >= 0.6 if judged else None,
                       cpu_note(runs) + errors_note(runs)))
@@ -629,25 +639,26 @@ def scenario_download(b: Bench) -> None:
         if nginx_proc:
             urls["nginx"] = nginx + path
         idle_kb = proc_status_kb(router_proc.pid, "VmRSS")
-        make = partial(load_cmd, requests=1, concurrency=1, time_cap=60, method="GET", body=None)
         for url in urls.values():  # warm-up: one unmeasured download each
-            run_load(make(url))
+            run_load(load_cmd(url, 1, 1, 60, method="GET", body=None))
+        # Each measurement: three downloads one after the other (one at a time), 0.1-1 s each.
+        make = partial(load_cmd, requests=3, concurrency=1, time_cap=60, method="GET", body=None)
         pids = {"router": router_proc.pid, **({"nginx": nginx_proc.pid} if nginx_proc else {})}
-        runs = b.interleave("download", urls, make, pids, rounds=max(b.rounds, 5))  # 0.2-1 s each: cheap
+        runs = b.interleave("download", urls, make, pids, rounds=max(b.rounds, 5))  # short runs: a few more
         hwm_kb = proc_status_kb(router_proc.pid, "VmHWM")
         nginx_hwm = max((proc_status_kb(c, "VmHWM") for c in children(nginx_proc.pid)), default=0) \
             if nginx_proc else None
     b.raw["download_rss"] = {"router_idle_kb": idle_kb, "router_hwm_kb": hwm_kb, "nginx_worker_hwm_kb": nginx_hwm}
-    ok = all(r["bytes"] == VIDEO_BYTES for rs in runs.values() for r in rs)
-    b.rows.append(Row("one 200 MB download", "router peak RSS (VmHWM)",
-                      f"{fmt(hwm_kb / 1024)} MiB (idle {fmt(idle_kb / 1024)})", "—",
-                      f"{fmt(nginx_hwm / 1024)} MiB (worker process)" if nginx_hwm else "n/a",
-                      "—", "<= 64 MB", hwm_kb / 1024 <= 64 if hwm_kb else None,
+    ok = all(r["bytes"] == r["count"] * VIDEO_BYTES for rs in runs.values() for r in rs)
+    b.rows.append(Row("one 200 MB download", "peak RSS (VmHWM)",
+                      f"{fmt(hwm_kb * KIB_TO_MB)} MB (idle {fmt(idle_kb * KIB_TO_MB)})", "—",
+                      f"{fmt(nginx_hwm * KIB_TO_MB)} MB (worker process)" if nginx_hwm else "n/a",
+                      "—", "router <= 64 MB", hwm_kb * KIB_TO_MB <= 64 if hwm_kb else None,
                       "" if ok else "a download came back short"))
     mbps = {t: median([r["mb_per_s"] for r in rs]) for t, rs in runs.items()}
     ratio = mbps["router"] / mbps["nginx"] if mbps.get("nginx") else None
     judged = ratio is not None and clean(runs, "router") and ok
-    b.rows.append(Row("one 200 MB download", "MiB/s", fmt(mbps["router"]), fmt(mbps["direct"]),
+    b.rows.append(Row("one 200 MB download", "MB/s", fmt(mbps["router"]), fmt(mbps["direct"]),
                       fmt(mbps.get("nginx")), fmt(ratio, "x nginx", 2), ">= 0.5x nginx",
                       ratio >= 0.5 if judged else None, errors_note(runs)))
 
@@ -702,16 +713,16 @@ def scenario_open(b: Bench) -> None:
                     path = "/generate" if target == "router" else "/v1/images/generations"
                     result = run_load(load_cmd(url + path, 1000, 1000, latency * 6), sample=sample)
                     result["idle_kb"] = idle
-                    result["kb_per_request"] = (result["peak_sample_kb"] - idle) / 1000
+                    result["kb_per_request"] = (result["peak_sample_kb"] - idle) * 1.024 / 1000  # KB
                     runs[target].append(result)
-                    b.say(f"  open round {r + 1}/{b.rounds} {target:6s}: idle {idle / 1024:.1f} MiB, "
-                          f"peak {result['peak_sample_kb'] / 1024:.1f} MiB, "
-                          f"{result['kb_per_request']:.1f} KiB/request; " + brief(result))
+                    b.say(f"  open round {r + 1}/{b.rounds} {target:6s}: idle {idle * KIB_TO_MB:.1f} MB, "
+                          f"peak {result['peak_sample_kb'] * KIB_TO_MB:.1f} MB, "
+                          f"{result['kb_per_request']:.1f} KB/request; " + brief(result))
     b.raw["open"] = runs
     per = {t: median([r["kb_per_request"] for r in rs]) for t, rs in runs.items()}
-    idle = {t: median([r["idle_kb"] / 1024 for r in rs]) for t, rs in runs.items()}
-    b.rows.append(Row("1000 requests held open by 5 s workers", "RSS per open request (KiB)",
-                      f"{fmt(per['router'])} (idle {fmt(idle['router'])} MiB)", "—",
+    idle = {t: median([r["idle_kb"] * KIB_TO_MB for r in rs]) for t, rs in runs.items()}
+    b.rows.append(Row("1000 requests held open by 5 s workers", "RSS per open request (KB)",
+                      f"{fmt(per['router'])} (idle {fmt(idle['router'])} MB)", "—",
                       f"{fmt(per['nginx'])} (master+worker)" if "nginx" in per else "n/a", "—",
                       "<= 50 KB", per["router"] <= 50 if clean(runs, "router") else None,
                       "(peak RSS while the requests are open - idle RSS) / 1000, fresh process each round. "
@@ -756,8 +767,12 @@ def header(args: argparse.Namespace, nginx: Nginx | None, seconds: float) -> str
         aiohttp_version = aiohttp.__version__
     except ImportError:
         aiohttp_version = "?"
-    nginx_text = (f"nginx {nginx.version}, worker_processes {nginx.worker_processes}, least_conn, keepalive 64"
-                  if nginx else "nginx not installed (`make bench-deps`): nginx columns are n/a")
+    if nginx:
+        nginx_text = f"nginx {nginx.version}, worker_processes {nginx.worker_processes}, least_conn, keepalive 64"
+    elif args.no_nginx:
+        nginx_text = "nginx skipped (--no-nginx): nginx columns are n/a"
+    else:
+        nginx_text = "nginx not installed (`make bench-deps`): nginx columns are n/a"
     return (f"# Router benchmark\n\n"
             f"{datetime.datetime.now().isoformat(timespec='seconds')} - {os.cpu_count()} CPUs, "
             f"Python {platform.python_version()}, aiohttp {aiohttp_version}, {nginx_text}; "
@@ -778,6 +793,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if nginx is None:
             bench.say("nginx not found: the nginx columns will say n/a (install it with `make bench-deps`)")
+        if fd_limit() < 4200:
+            bench.say(f"open-file limit {fd_limit()}: the 1000-open-requests scenario needs ~4200 (ulimit -n)")
         for name in args.only.split(","):
             bench.say(f"== {name}")
             try:

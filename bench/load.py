@@ -10,7 +10,7 @@ The aiohttp connector allows exactly `--concurrency` connections, all kept alive
 `--warmup N` first sends N requests the same way, unmeasured (connections stay open).
 
 Prints one JSON object: count (2xx answers), errors (others, by status or exception name),
-elapsed, bytes, rps, mb_per_s (MiB/s), latency percentiles in ms (p50, p90, p99, max), capped
+elapsed, bytes, rps, mb_per_s (10^6 bytes/s), latency percentiles in ms (p50, p90, p99, max), capped
 (the time cap stopped the run) and, with --split-size, how many answers were below / at or
 above that many bytes (tells two workers apart when they answer different sizes).
 Stdlib and aiohttp only.
@@ -157,7 +157,7 @@ async def main_async(args: argparse.Namespace, body: bytes | None) -> dict:
         "elapsed": round(elapsed, 4),
         "bytes": run.bytes,
         "rps": round(len(lat) / elapsed, 2) if elapsed > 0 else None,
-        "mb_per_s": round(run.bytes / elapsed / (1 << 20), 2) if elapsed > 0 else None,
+        "mb_per_s": round(run.bytes / elapsed / 1e6, 2) if elapsed > 0 else None,
         "p50_ms": ms(percentile(lat, 50)),
         "p90_ms": ms(percentile(lat, 90)),
         "p99_ms": ms(percentile(lat, 99)),
