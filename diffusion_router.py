@@ -56,6 +56,7 @@ __version__ = "0.1.0"
 log = logging.getLogger("diffusion_router")
 
 MiB = 1 << 20
+HOST_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,62}[a-z0-9])?)*")
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,13 +97,18 @@ class RouterConfig:
         return bool(self.api_key or self.admin_api_key)
 
     def allowed_hosts(self) -> tuple[Any, ...]:
-        """Return --allowed-worker-hosts parsed into names and networks."""
+        """Return --allowed-worker-hosts parsed into names and networks; ValueError names a bad entry."""
         parsed: list[Any] = []
         for entry in self.allowed_worker_hosts:
             try:
-                parsed.append(ipaddress.ip_network(entry, strict=False))
+                parsed.append(ipaddress.ip_network(entry.strip("[]"), strict=False))
+                continue
             except ValueError:
-                parsed.append(entry.lower().rstrip("."))
+                pass
+            name = entry.lower().rstrip(".")
+            if "/" in entry or ":" in entry or not HOST_NAME.fullmatch(name) or name.replace(".", "").isdigit():
+                raise ValueError(f"{entry!r} is neither a host name, an IP address nor a CIDR range")
+            parsed.append(name)
         return tuple(parsed)
 
 
@@ -740,7 +746,7 @@ async def proxy(
             try:
                 return await forward(request, target, path_qs, body, on_response)
             except DIAL_ERRORS as exc:
-                last_error = f"worker {target.url} unreachable: {exc}"
+                last_error = f"worker {target.url} unreachable: {describe(exc)}"
                 log.warning("%s %s: %s", request.method, path_qs, last_error)
                 pool.record_failure(target, last_error, fatal=is_refused(exc))
                 if worker is not None or not body.retryable:
@@ -752,9 +758,16 @@ async def proxy(
     return no_worker_error(pool, kind)
 
 
-def is_refused(exc: Exception) -> bool:
-    """Tell whether a dial error means the worker's port is closed (the process is not serving)."""
-    return isinstance(getattr(exc, "os_error", None), ConnectionRefusedError)
+def is_refused(exc: BaseException) -> bool:
+    """Tell whether a dial error means nothing serves there: the port is closed or the name is unknown."""
+    return isinstance(exc, aiohttp.ClientConnectorDNSError) or isinstance(
+        getattr(exc, "os_error", None), ConnectionRefusedError)
+
+
+def describe(exc: BaseException) -> str:
+    """Return a short, one-line account of a client error for logs and /health_workers."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__
 
 
 def no_worker_error(pool: WorkerPool, kind: str | None) -> web.Response:
@@ -802,7 +815,7 @@ async def forward(
         if isinstance(exc, ProxyError):
             raise
         log.warning("worker %s failed on %s %s: %r", worker.url, request.method, path_qs, exc)
-        pool.record_failure(worker, f"request failed: {exc!r}")
+        pool.record_failure(worker, f"request failed: {describe(exc)}")
         raise ProxyError(502, f"worker {worker.url} failed: {exc.__class__.__name__}") from None
     async with upstream:
         return await relay(request, upstream, worker, version, on_response)
@@ -839,7 +852,7 @@ async def relay(
             log.info("client left during %s %s from %s", request.method, request.path, worker.url)
         else:
             log.warning("worker %s broke off %s %s: %r", worker.url, request.method, request.path, exc)
-            request.app[POOL].record_failure(worker, f"broken response: {exc!r}")
+            request.app[POOL].record_failure(worker, f"broken response: {describe(exc)}")
         # Too late for an error response: cut the connection so the client sees a short transfer.
         if request.transport is not None:
             request.transport.abort()
@@ -854,7 +867,7 @@ def broken_before_headers(request: web.Request, worker: Worker, exc: BaseExcepti
         log.warning("worker %s timed out on %s %s", worker.url, request.method, request.path)
         return json_error(504, f"worker {worker.url} timed out")
     log.warning("worker %s broke off %s %s: %r", worker.url, request.method, request.path, exc)
-    request.app[POOL].record_failure(worker, f"broken response: {exc!r}")
+    request.app[POOL].record_failure(worker, f"broken response: {describe(exc)}")
     return json_error(502, f"worker {worker.url} sent a broken response")
 
 
@@ -871,6 +884,7 @@ class WorkerResult:
     status: int | None = None
     body: Any = None
     error: str | None = None
+    exception: BaseException | None = None
 
     @property
     def ok(self) -> bool:
@@ -914,7 +928,7 @@ async def call_worker(
             ) as response:
                 return WorkerResult(worker.url, response.status, decode_body(await response.read()))
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return WorkerResult(worker.url, error=f"{exc.__class__.__name__}: {exc}" if str(exc) else repr(exc))
+        return WorkerResult(worker.url, error=describe(exc), exception=exc)
 
 
 async def broadcast(
@@ -1141,18 +1155,20 @@ async def handle_checksum(request: web.Request) -> web.Response:
 
 
 async def handle_health(request: web.Request) -> web.Response:
+    """Answer 200 while at least one worker is healthy; a worker put to sleep on purpose still is."""
     pool = request.app[POOL]
-    available = [w for w in pool.workers.values() if w.available]
-    versions = {w.weight_version for w in available}
+    healthy = [w for w in pool.workers.values() if w.state == HEALTHY]
+    versions = {w.weight_version for w in healthy}
     body = {
-        "status": "healthy" if available else "unhealthy",
-        "healthy_workers": len(available),
+        "status": "healthy" if healthy else "unhealthy",
+        "healthy_workers": len(healthy),
         "total_workers": len(pool.workers),
-        "sleeping_workers": sum(w.sleeping for w in pool.workers.values()),
+        "available_workers": sum(w.available for w in healthy),
+        "sleeping_workers": sum(w.sleeping for w in healthy),
         "weight_version": pool.weight_version,
         "weights_consistent": versions <= {pool.weight_version},
     }
-    return web.json_response(body, status=200 if available else 503)
+    return web.json_response(body, status=200 if healthy else 503)
 
 
 async def handle_health_workers(request: web.Request) -> web.Response:
@@ -1174,10 +1190,12 @@ async def handle_metrics(request: web.Request) -> web.Response:
 async def handle_dashboard(request: web.Request) -> web.Response:
     """Serve the status page, its table filled in so it reads without JavaScript."""
     pool = request.app[POOL]
+    cell = "<td>{}</td>".format
     rows = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
-            w.url, w.display_state, w.active_requests, w.consecutive_failures, w.weight_version,
-            w.task_type or "?", w.last_error or w.out_reason or "")) + "</tr>"
+        f"<tr>{cell(html.escape(w.url))}<td class=\"state {w.display_state}\">{w.display_state}</td>"
+        + "".join(cell(html.escape(str(v))) for v in (
+            w.active_requests, w.consecutive_failures, w.weight_version, w.task_type or "?",
+            w.last_error or w.out_reason or "")) + "</tr>"
         for w in pool.workers.values()
     ) or '<tr><td colspan="7">no workers registered</td></tr>'
     available = sum(w.available for w in pool.workers.values())
@@ -1225,7 +1243,8 @@ async def admit_worker(app: web.Application, url: str) -> tuple[Worker, bool]:
         worker.consecutive_failures = 0
         pool.set_state(worker, HEALTHY)
         await read_capabilities(app, worker)
-        begin_rejoin(app, worker, force=not created)
+        if worker.state != QUARANTINED:  # it may have refused the capability read
+            begin_rejoin(app, worker, force=not created)
     return worker, created
 
 
@@ -1337,6 +1356,7 @@ DASHBOARD_HTML = """<!doctype html>
 @media (prefers-color-scheme: dark) { :root { --fg: #e6e9ef; --muted: #98a2b3; --bg: #111418;
   --card: #1a1f26; --line: #2c333d; } }
 * { box-sizing: border-box; }
+[hidden] { display: none !important; }
 body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
   color: var(--fg); background: var(--bg); }
 header { padding: 16px 24px; border-bottom: 1px solid var(--line); background: var(--card);
@@ -1399,7 +1419,11 @@ canvas { width: 100%; height: 160px; display: block; }
     ctx.strokeStyle = "rgba(128,128,128,0.25)"; ctx.lineWidth = 1;
     for (var g = 1; g < 4; g++) { ctx.beginPath(); ctx.moveTo(0, h * g / 4); ctx.lineTo(w, h * g / 4); ctx.stroke(); }
     ctx.fillStyle = "rgba(128,128,128,0.9)"; ctx.font = (11 * (window.devicePixelRatio || 1)) + "px system-ui";
-    ctx.fillText(max.toFixed(1) + "/s", 4, 12 * (window.devicePixelRatio || 1));
+    var dpr = window.devicePixelRatio || 1;
+    ctx.fillText(max.toFixed(1) + "/s", 4, 12 * dpr);
+    ctx.fillText("0", 4, h - 6 * dpr);
+    ctx.fillText("now", w - 26 * dpr, h - 6 * dpr);
+    ctx.fillText("-5 min", w / 2 - 18 * dpr, h - 6 * dpr);
     [["rps", "#2e90fa"], ["eps", "#f04438"]].forEach(function (s) {
       ctx.strokeStyle = s[1]; ctx.lineWidth = 2 * (window.devicePixelRatio || 1); ctx.beginPath();
       history.forEach(function (p, i) {
@@ -1436,7 +1460,8 @@ canvas { width: 100%; height: 160px; display: block; }
     document.getElementById("s-errors").textContent = text(t.errors);
     document.getElementById("s-version").textContent = text(data.weight_version);
     document.getElementById("summary").textContent = available + " of " + data.workers.length +
-      " workers available · weight version " + data.weight_version;
+      " workers available · weight version " + data.weight_version + " · " + t.requests + " requests · " +
+      t.errors + " errors";
     document.getElementById("updated").textContent = "updated " + new Date().toLocaleTimeString();
     document.getElementById("stats").hidden = false; document.getElementById("chart-card").hidden = false;
     draw();
@@ -1471,7 +1496,7 @@ async def probe(app: web.Application, worker: Worker) -> None:
             if not 200 <= response.status < 300:
                 raise ProbeFailed(f"health check answered {response.status}")
     except (aiohttp.ClientError, asyncio.TimeoutError, ProbeFailed) as exc:
-        reason = str(exc) if isinstance(exc, ProbeFailed) else f"health check failed: {exc!r}"
+        reason = str(exc) if isinstance(exc, ProbeFailed) else f"health check failed: {describe(exc)}"
         log.debug("worker %s: %s", worker.url, reason)
         app[POOL].metrics.inc("health_probe_failures_total", worker.url)
         app[POOL].record_failure(worker, reason)
@@ -1509,6 +1534,9 @@ async def read_capabilities(app: web.Application, worker: Worker) -> None:
     config = app[CONFIG]
     timeout = aiohttp.ClientTimeout(total=config.health_check_timeout, sock_connect=config.connect_timeout)
     result = await call_worker(app, worker, "GET", "/v1/models", timeout=timeout)
+    if result.exception is not None and is_refused(result.exception):  # nothing serves there (yet)
+        app[POOL].record_failure(worker, f"unreachable: {result.error}", fatal=True)
+        return
     try:
         task_type = result.body["data"][0]["task_type"] if result.ok else None
     except (KeyError, IndexError, TypeError):
@@ -1700,6 +1728,11 @@ async def client_sessions(app: web.Application):
     await app[PROBE_SESSION].close()
 
 
+async def announce_shutdown(app: web.Application) -> None:
+    log.info("shutting down: no new connections; waiting up to %g s for %d in-flight request(s)",
+             app[CONFIG].shutdown_timeout, app[ACTIVE][0])
+
+
 async def background_tasks(app: web.Application):
     """Register the configured workers, run health checks, and stop every task on shutdown."""
     urls = dict.fromkeys(normalize_worker_url(url) for url in app[CONFIG].worker_urls)
@@ -1722,6 +1755,7 @@ def create_app(config: RouterConfig | None = None) -> web.Application:
         middlewares=[observe, authorize] if config.keys_required else [observe],
     )
     app.on_response_prepare.append(stamp_request_id)
+    app.on_shutdown.append(announce_shutdown)
     app[CONFIG] = config
     app[POOL] = WorkerPool(config)
     app[TASKS] = set()
@@ -1833,20 +1867,27 @@ def main(worker_urls: tuple[str, ...], more_worker_urls: tuple[str, ...], allowe
     allowed = tuple(h for entry in allowed_worker_hosts for h in entry.replace(",", " ").split())
     config = RouterConfig(worker_urls=urls, max_request_size=max_request_size * MiB, verbose=verbose,
                           allowed_worker_hosts=allowed, **options)
+    try:
+        allowed_hosts = config.allowed_hosts()
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--allowed-worker-hosts") from None
     for url in urls:
         try:
-            normalize_worker_url(url, config.allowed_hosts())
+            normalize_worker_url(url, allowed_hosts)
         except WorkerURLError as exc:
             raise click.BadParameter(str(exc), param_hint="--worker-urls") from None
     raise_open_file_limit()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log.info("diffusion_router %s starting with %d workers", __version__, len(urls))
+    log.info("diffusion_router %s starting with %d worker(s)", __version__, len(urls))
     # run_app reports the bound address (the real port when --port 0) once it listens.
     announce = lambda message: log.info("%s", message.splitlines()[0].strip("= "))  # noqa: E731
     logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if verbose else logging.CRITICAL)  # parse-error noise
-    web.run_app(create_app(config), host=config.host, port=config.port, print=announce,
-                shutdown_timeout=config.shutdown_timeout, access_log=None)
+    try:
+        web.run_app(create_app(config), host=config.host, port=config.port, print=announce,
+                    shutdown_timeout=config.shutdown_timeout, access_log=None)
+    except OSError as exc:  # address in use, unknown host, no such interface
+        raise click.ClickException(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
 
 
 def raise_open_file_limit() -> None:

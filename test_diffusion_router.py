@@ -689,12 +689,29 @@ async def test_no_worker_is_503_json(router):
     assert "no available worker" in (await resp.json())["error"]
 
 
-async def test_unreachable_only_worker_is_502_json(router):
-    url = dead_url()
-    client = await router(url, retries=0)
+async def test_unreachable_only_worker_is_502_json(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url, retries=0)
+    await worker.stop()
     resp = await client.post("/generate", json=PROMPT)
     assert resp.status == 502
-    assert url in (await resp.json())["error"]
+    assert worker.url in (await resp.json())["error"]
+
+
+async def test_worker_refusing_at_registration_is_out_until_it_answers(spawn_worker, router):
+    url = dead_url()
+    client = await router(url)
+    w = worker_of(client, url)
+    assert w.state == dr.QUARANTINED and "unreachable" in w.out_reason
+    port = int(url.rsplit(":", 1)[1])
+    runner, _ = await start_worker(WorkerBehaviour(), port=port)  # the model finished loading
+    try:
+        for _ in range(2):
+            await health_round(client)
+        assert w.state == dr.HEALTHY and w.task_type == "T2I"
+        assert (await client.post("/generate", json=PROMPT)).status == 200
+    finally:
+        await runner.cleanup()
 
 
 # --------------------------------------------------------------------------------------------
@@ -722,11 +739,25 @@ def test_cli_version_and_help():
     (["--worker-urls", "ftp://gpu1"], {}, "--worker-urls"),
     (["--max-connections", "0"], {}, "--max-connections"),
     ([], {"DIFFUSION_ROUTER_TIMEOUT": "soon"}, "--timeout"),
+    (["--allowed-worker-hosts", "10.0.0.0/33"], {}, "--allowed-worker-hosts"),
+    (["--allowed-worker-hosts", "bad_host!"], {}, "--allowed-worker-hosts"),
 ])
 def test_cli_bad_values_are_one_line_errors(args, env, word):
     result = run_cli(*args, env=env)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("Error:") and word in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args", [["--host", "999.999.1.1"], ["--host", "127.0.0.1", "--port", "{busy}"]])
+def test_cli_cannot_listen_is_a_one_line_error(args):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run_cli(*[a.format(busy=busy.getsockname()[1]) for a in args])
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "cannot listen" in errors[0]
     assert "Traceback" not in result.stderr
 
 
@@ -824,9 +855,11 @@ async def test_killed_worker_costs_no_client_error_and_is_out_after_one_refusal(
     assert all(w.active_requests == 0 for w in pool_of(client).workers.values())
 
 
-async def test_failover_tries_at_most_retries_other_workers(router):
-    urls = [dead_url() for _ in range(4)]
-    client = await router(*urls, retries=2)
+async def test_failover_tries_at_most_retries_other_workers(spawn_worker, router):
+    workers = [await spawn_worker() for _ in range(4)]
+    client = await router(*(w.url for w in workers), retries=2)
+    for worker in workers:
+        await worker.stop()
     resp = await client.post("/generate", json=PROMPT)
     assert resp.status == 502
     assert sum(w.state == dr.QUARANTINED for w in pool_of(client).workers.values()) == 3
@@ -1418,9 +1451,10 @@ async def test_metrics_catch_all_routes_have_bounded_labels(spawn_worker, router
 
 
 async def test_metrics_count_health_failures_quarantines_recoveries_and_failovers(spawn_worker, router):
-    a, b = await spawn_worker(), await spawn_worker()
-    gone = dead_url()
+    a, b, doomed = await spawn_worker(), await spawn_worker(), await spawn_worker()
+    gone = doomed.url
     client = await router(a.url, b.url, gone)
+    await doomed.stop()
     worker_of(client, a.url).last_picked = worker_of(client, b.url).last_picked = 10**9
     await client.post("/generate", json=PROMPT)  # tries the dead worker first, then fails over
     await quarantine(client, b)
