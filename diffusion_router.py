@@ -32,15 +32,17 @@ import collections
 import hmac
 import contextlib
 import html
+import io
 import ipaddress
 import itertools
 import json
 import logging
+import os
 import random
 import re
 import socket
+import sys
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -621,10 +623,14 @@ def json_error(status: int, message: str, **extra: Any) -> web.Response:
 
 def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[str]:
     """Copy headers without hop-by-hop ones, nor any header the Connection header names."""
-    connection = headers.get("connection")
+    copy = CIMultiDict(headers)  # one C-level copy, then a few C-level deletions
+    connection = copy.get("Connection")
     if connection:
         drop = drop | {name.strip().lower() for name in connection.split(",")}
-    return CIMultiDict((k, v) for k, v in headers.items() if k.lower() not in drop)
+    for name in drop:
+        if name in copy:
+            del copy[name]  # every occurrence
+    return copy
 
 
 def upstream_headers(request: web.Request) -> CIMultiDict[str]:
@@ -1592,6 +1598,9 @@ def spawn(app: web.Application, coro: Any) -> asyncio.Task:
 
 
 REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
+# New ids: a random prefix per process and a counter, unique without a uuid4 per request.
+REQUEST_ID_PREFIX = os.urandom(8).hex()
+REQUEST_COUNTER = itertools.count(1)
 QUIET_PATHS = frozenset({"/health", "/metrics"})
 access_log = logging.getLogger("diffusion_router.access")
 
@@ -1602,7 +1611,7 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     started = time.monotonic()
     request_id = request.headers.get("X-Request-ID")
     if request_id is None or not REQUEST_ID_PATTERN.fullmatch(request_id):  # never echo junk into logs
-        request_id = uuid.uuid4().hex
+        request_id = f"{REQUEST_ID_PREFIX}{next(REQUEST_COUNTER):016x}"
     request[REQUEST_ID] = request_id
     app = request.app
     active = app[ACTIVE]
@@ -1877,7 +1886,7 @@ def main(worker_urls: tuple[str, ...], more_worker_urls: tuple[str, ...], allowe
         except WorkerURLError as exc:
             raise click.BadParameter(str(exc), param_hint="--worker-urls") from None
     raise_open_file_limit()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[BatchedStderrHandler()],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("diffusion_router %s starting with %d worker(s)", __version__, len(urls))
     # run_app reports the bound address (the real port when --port 0) once it listens.
@@ -1888,6 +1897,32 @@ def main(worker_urls: tuple[str, ...], more_worker_urls: tuple[str, ...], allowe
                     shutdown_timeout=config.shutdown_timeout, access_log=None)
     except OSError as exc:  # address in use, unknown host, no such interface
         raise click.ClickException(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
+
+
+class BatchedStderrHandler(logging.StreamHandler):
+    """Log to stderr through a block buffer flushed within half a second: one write per batch, not per line."""
+
+    FLUSH_AFTER = 0.5
+
+    def __init__(self) -> None:
+        super().__init__(io.TextIOWrapper(io.FileIO(sys.stderr.fileno(), "w", closefd=False),
+                                          encoding="utf-8", errors="backslashreplace"))
+        self.flush_pending = False
+
+    def flush(self) -> None:
+        """Schedule the flush on the running loop (the access log writes a line per request)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # startup, exit, or no loop: write now
+            self.flush_now()
+            return
+        if not self.flush_pending:
+            self.flush_pending = True
+            loop.call_later(self.FLUSH_AFTER, self.flush_now)
+
+    def flush_now(self) -> None:
+        self.flush_pending = False
+        super().flush()
 
 
 def raise_open_file_limit() -> None:

@@ -765,6 +765,11 @@ def test_cli_cannot_listen_is_a_one_line_error(args):
 class RouterProcess:
     proc: subprocess.Popen
     url: str
+    output: object
+
+    def log(self) -> str:
+        self.output.seek(0)
+        return self.output.read()
 
 
 def free_port() -> int:
@@ -795,7 +800,7 @@ async def router_process(*args: str, env: dict | None = None):
                             break
                 assert time.monotonic() < deadline, "router did not start"
                 await asyncio.sleep(0.05)
-        yield RouterProcess(proc, url)
+        yield RouterProcess(proc, url, output)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -1036,11 +1041,17 @@ async def test_sigterm_lets_in_flight_requests_finish_and_exits_0(spawn_worker):
             await session.get(proc.url + "/health")
 
 
-async def test_sigint_also_stops_cleanly(spawn_worker):
+async def test_sigint_also_stops_cleanly_and_the_log_is_complete(spawn_worker):
     worker = await spawn_worker()
     async with router_process("--worker-urls", worker.url) as proc:
+        async with aiohttp.ClientSession() as session:
+            await session.post(proc.url + "/generate", json=PROMPT, headers={"X-Request-ID": "last-words"})
         proc.proc.send_signal(signal.SIGINT)
         assert await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 15) == 0
+        log = proc.log()
+    assert "Running on http://127.0.0.1:" in log
+    assert f"last-words POST /generate 200 {worker.url}" in log  # buffered log lines are flushed at exit
+    assert "shutting down" in log
 
 
 # --------------------------------------------------------------------------------------------
