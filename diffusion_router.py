@@ -31,6 +31,7 @@ import bisect
 import collections
 import hmac
 import contextlib
+import errno
 import html
 import io
 import ipaddress
@@ -145,6 +146,9 @@ METADATA_NETWORKS = (
 )
 
 
+EMBEDDED_IPV4_NETWORKS = tuple(ipaddress.ip_network(n) for n in ("64:ff9b::/96", "::ffff:0:0:0/96", "::/96"))
+
+
 def parse_host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     """Return the IP a host literal denotes, decimal, octal and hex IPv4 forms included."""
     try:
@@ -159,19 +163,30 @@ def parse_host_address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Addre
     return addr
 
 
+def is_metadata_address(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Tell whether an address is link-local or a metadata service, also inside NAT64/SIIT forms."""
+    candidates = [addr]
+    if isinstance(addr, ipaddress.IPv6Address) and any(addr in net for net in EMBEDDED_IPV4_NETWORKS):
+        candidates.append(ipaddress.IPv4Address(int(addr) & 0xFFFFFFFF))
+    return any(a in net for a in candidates for net in METADATA_NETWORKS if a.version == net.version)
+
+
 def normalize_worker_url(raw: Any, allowed_hosts: Sequence[Any] = ()) -> str:
     """Return the canonical form of a worker URL, or raise WorkerURLError saying what is wrong."""
     if not isinstance(raw, str) or not raw.strip():
         raise WorkerURLError("worker url must be a non-empty string")
     raw = raw.strip()
+    if len(raw) > 2048 or any(c.isspace() or ord(c) < 32 for c in raw):
+        raise WorkerURLError("worker url is too long or contains whitespace or control characters")
     try:
         url = URL(raw)
-    except (ValueError, TypeError) as exc:
+        host = url.host
+    except (ValueError, TypeError, UnicodeError) as exc:
         raise WorkerURLError(f"invalid worker url {raw!r}: {exc}") from None
     scheme = (url.scheme or "").lower()
     if scheme not in ("http", "https"):
         raise WorkerURLError(f"worker url {raw!r} must start with http:// or https://")
-    if not url.host:
+    if not host:
         raise WorkerURLError(f"worker url {raw!r} has no host")
     if url.user is not None or url.password is not None:
         raise WorkerURLError(f"worker url {raw!r} must not carry credentials")
@@ -181,14 +196,17 @@ def normalize_worker_url(raw: Any, allowed_hosts: Sequence[Any] = ()) -> str:
         port = url.port
     except ValueError as exc:
         raise WorkerURLError(f"worker url {raw!r} has an invalid port: {exc}") from None
-    host = url.host.lower().rstrip(".")
+    host = host.lower().rstrip(".")
     addr = parse_host_address(host)
-    if host in METADATA_HOSTS or (addr is not None and any(addr in net for net in METADATA_NETWORKS)):
+    if host in METADATA_HOSTS or (addr is not None and is_metadata_address(addr)):
         raise WorkerURLError(f"worker url {raw!r} points at a link-local or cloud metadata address")
     if allowed_hosts and not host_allowed(host, addr, allowed_hosts):
         raise WorkerURLError(f"worker host {host!r} is not in --allowed-worker-hosts")
     default_port = 443 if scheme == "https" else 80
-    return str(URL.build(scheme=scheme, host=host, port=None if port == default_port else port))
+    try:
+        return str(URL.build(scheme=scheme, host=host, port=None if port == default_port else port))
+    except (ValueError, UnicodeError) as exc:
+        raise WorkerURLError(f"worker url {raw!r} has an invalid host: {exc}") from None
 
 
 def host_allowed(host: str, addr: Any, allowed: Sequence[Any]) -> bool:
@@ -210,6 +228,7 @@ class Worker:
     state: str = HEALTHY
     sleeping: bool = False
     task_type: str | None = None
+    startup_model_path: str | None = None  # what it reports when it holds none of our updates
     weight_version: int = 0
     active_requests: int = 0
     last_picked: int = 0
@@ -218,6 +237,7 @@ class Worker:
     last_error: str | None = None
     last_checked: float | None = None
     out_reason: str | None = None
+    held: bool = False  # quarantined by an operator: probes do not bring it back
     removed: bool = False
 
     @property
@@ -305,6 +325,7 @@ class WorkerPool:
         if worker is None:
             return None
         worker.removed = True
+        self.metrics.forget_worker(url)
         for job_id in [j for j, owner in self.job_owner.items() if owner is worker]:
             del self.job_owner[job_id]
             self.remember_orphan(job_id, url)
@@ -349,7 +370,8 @@ class WorkerPool:
         if worker.state != QUARANTINED:
             return False
         worker.consecutive_successes += 1
-        return self.config.auto_recover and worker.consecutive_successes >= self.config.health_check_success_threshold
+        return (self.config.auto_recover and not worker.held
+                and worker.consecutive_successes >= self.config.health_check_success_threshold)
 
     def record_failure(self, worker: Worker, reason: str, *, fatal: bool = False) -> None:
         """Note a failed probe or unreachable worker; quarantine it at the threshold."""
@@ -382,7 +404,8 @@ class WorkerPool:
     def remember_jobs(self, worker: Worker, job_ids: Iterable[str]) -> None:
         """Record which worker owns each job or file id, dropping the oldest past the bound."""
         for job_id in job_ids:
-            self.job_owner[job_id] = worker
+            if self.job_owner.setdefault(job_id, worker) is not worker:  # the first owner keeps its id
+                continue
             self.job_owner.move_to_end(job_id)
             self.orphaned_jobs.pop(job_id, None)
         while len(self.job_owner) > self.config.max_tracked_jobs:
@@ -497,6 +520,15 @@ class Metrics:
             histogram = series[labels] = Histogram()
         histogram.observe(value)
 
+    def forget_worker(self, url: str) -> None:
+        """Drop every series labelled with a removed worker, so churn cannot grow the scrape forever."""
+        for name, (_, _, label_names) in METRICS.items():
+            if "worker" in label_names:
+                position = label_names.index("worker")
+                series = self.values[name]
+                for labels in [labels for labels in series if labels[position] == url]:
+                    del series[labels]
+
     def record_request(self, route: str, worker: str, status: int, seconds: float, received: int, sent: int) -> None:
         """Count one answered request."""
         self.requests += 1
@@ -559,13 +591,15 @@ CONFIG = web.AppKey("config", RouterConfig)
 POOL = web.AppKey("pool", WorkerPool)
 REQUEST_DROP_KEY = web.AppKey("request_drop", frozenset)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", tuple)
-WORKER_AUTH = web.AppKey("worker_auth", dict)
+WORKER_HEADERS = web.AppKey("worker_headers", dict)  # Via, and the worker key: on every request to workers
+VIA = web.AppKey("via", str)
 ACTIVE = web.AppKey("active", list)
 # Per-request values; web.RequestKey where this aiohttp has it (3.13+), plain names before.
 RequestKey = getattr(web, "RequestKey", lambda name, kind: f"diffusion_router.{name}")
 REQUEST_ID = RequestKey("request_id", str)
 WORKER_LABEL = RequestKey("worker", str)
 RECEIVED = RequestKey("received", int)
+CONTROL_BODY = RequestKey("control_body", bytes)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 PROBE_SESSION = web.AppKey("probe_session", aiohttp.ClientSession)
 TASKS = web.AppKey("tasks", set)
@@ -637,7 +671,10 @@ def upstream_headers(request: web.Request) -> CIMultiDict[str]:
     """Return the headers to send to a worker: the client's, minus hop-by-hop, plus X-Forwarded-*."""
     app = request.app
     headers = filter_headers(request.headers, app[REQUEST_DROP_KEY])
-    headers.update(app[WORKER_AUTH])
+    via = headers.get("Via")
+    headers.update(app[WORKER_HEADERS])
+    if via:
+        headers["Via"] = f"{via}, {app[VIA]}"  # RFC 9110 section 7.6.3: append, never replace
     headers["X-Request-ID"] = request[REQUEST_ID]
     peer = request.remote or ""
     prior = headers.get("X-Forwarded-For")
@@ -722,9 +759,13 @@ async def proxy(
     path_qs: str | None = None,
     kind: str | None = None,
     worker: Worker | None = None,
+    hold: bool = True,
     on_response: Callable[[WorkerPool, Worker, bytes], None] | None = None,
 ) -> web.StreamResponse:
-    """Forward a request to one worker (chosen, or the one given) and stream the answer back."""
+    """Forward a request to one worker (chosen, or the one given) and stream the answer back.
+
+    With hold, the request waits while a weight update is being broadcast.
+    """
     app = request.app
     config, pool = app[CONFIG], app[POOL]
     if request.method not in FORWARDED_METHODS:
@@ -735,7 +776,7 @@ async def proxy(
         return json_error(exc.status, exc.message)
     if path_qs is None:
         path_qs = request.rel_url.raw_path_qs
-    if worker is None and not pool.updates_idle.is_set():
+    if hold and not pool.updates_idle.is_set():
         await pool.updates_idle.wait()  # hold new work until a weight update has reached every worker
     tried: list[Worker] = []
     last_error = "no worker available"
@@ -752,6 +793,9 @@ async def proxy(
             try:
                 return await forward(request, target, path_qs, body, on_response)
             except DIAL_ERRORS as exc:
+                if out_of_descriptors(exc):
+                    log.error("out of file descriptors: refusing %s %s", request.method, path_qs)
+                    return json_error(503, "router is out of file descriptors; try again later")
                 last_error = f"worker {target.url} unreachable: {describe(exc)}"
                 log.warning("%s %s: %s", request.method, path_qs, last_error)
                 pool.record_failure(target, last_error, fatal=is_refused(exc))
@@ -762,6 +806,12 @@ async def proxy(
     if tried:
         return json_error(502, last_error)
     return no_worker_error(pool, kind)
+
+
+def out_of_descriptors(exc: BaseException) -> bool:
+    """Tell whether a client error is the router running out of file descriptors, not the worker failing."""
+    os_error = getattr(exc, "os_error", None) or exc.__cause__ or exc.__context__
+    return isinstance(os_error, OSError) and os_error.errno in (errno.EMFILE, errno.ENFILE)
 
 
 def is_refused(exc: BaseException) -> bool:
@@ -835,6 +885,9 @@ async def relay(
     on_response: Callable[[WorkerPool, Worker, bytes], None] | None,
 ) -> web.StreamResponse:
     """Copy the worker's answer to the client: whole when small, streamed otherwise."""
+    if upstream.status < 200:  # 1xx (or nonsense) as a final answer: nothing a client can use
+        request.app[POOL].record_failure(worker, f"invalid status {upstream.status}")
+        return json_error(502, f"worker {worker.url} answered with status {upstream.status}")
     headers = filter_headers(upstream.headers, RESPONSE_DROP)
     headers["X-Weight-Version"] = str(version)
     length = upstream.content_length
@@ -850,12 +903,18 @@ async def relay(
         headers["Content-Length"] = str(length)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
     await response.prepare(request)
+    client_timeout = request.app[CONFIG].client_timeout
     try:
         async for chunk in upstream.content.iter_any():
-            await response.write(chunk)
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:
-        if isinstance(exc, ConnectionResetError):  # the client went away: nothing left to tell it
-            log.info("client left during %s %s from %s", request.method, request.path, worker.url)
+            try:  # a client that stops reading must not hold a worker connection forever
+                await asyncio.wait_for(response.write(chunk), client_timeout)
+            except asyncio.TimeoutError:
+                raise ClientGone(f"client read nothing for {client_timeout:g} s") from None
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError,
+            ClientGone) as exc:
+        if isinstance(exc, (ConnectionError, ClientGone)):  # the client went away: nothing left to tell it
+            log.info("client left during %s %s from %s: %s", request.method, request.path, worker.url,
+                     describe(exc))
         else:
             log.warning("worker %s broke off %s %s: %r", worker.url, request.method, request.path, exc)
             request.app[POOL].record_failure(worker, f"broken response: {describe(exc)}")
@@ -865,6 +924,10 @@ async def relay(
         return response
     await response.write_eof()
     return response
+
+
+class ClientGone(Exception):
+    """The client stopped reading or went away while its answer was being sent."""
 
 
 def broken_before_headers(request: web.Request, worker: Worker, exc: BaseException) -> web.Response:
@@ -911,7 +974,7 @@ def decode_body(data: bytes) -> Any:
     """Return a worker's small answer as JSON when it is JSON, else as text."""
     try:
         return json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return data.decode("utf-8", "replace")
 
 
@@ -929,8 +992,8 @@ async def call_worker(
     try:
         with app[POOL].lease(worker):
             async with app[SESSION].request(
-                method, worker_url(worker, path), data=body, headers=headers, timeout=timeout,
-                allow_redirects=False,
+                method, worker_url(worker, path), data=body, headers=headers or app[WORKER_HEADERS],
+                timeout=timeout, allow_redirects=False,
             ) as response:
                 return WorkerResult(worker.url, response.status, decode_body(await response.read()))
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -955,9 +1018,35 @@ def broadcast_response(results: Sequence[WorkerResult], **extra: Any) -> web.Res
     )
 
 
+CONTROL_BODY_LIMIT = MiB
+
+
 async def read_small_body(request: web.Request) -> bytes:
-    """Read a control request's body, which the app's client_max_size bounds."""
-    return await request.read() if request.body_exists else b""
+    """Read a control request's body once: at most 1 MiB (else 413), within --client-timeout (else 408)."""
+    cached = request.get(CONTROL_BODY)
+    if cached is not None:
+        return cached
+    if request.content_length is not None and request.content_length > CONTROL_BODY_LIMIT:
+        raise ProxyError(413, f"control request bodies are limited to {CONTROL_BODY_LIMIT} bytes")
+    chunks: list[bytes] = []
+    size = 0
+
+    async def drain() -> None:
+        nonlocal size
+        while chunk := await request.content.read(65536):
+            size += len(chunk)
+            if size > CONTROL_BODY_LIMIT:
+                raise ProxyError(413, f"control request bodies are limited to {CONTROL_BODY_LIMIT} bytes")
+            chunks.append(chunk)
+
+    timeout = request.app[CONFIG].client_timeout
+    try:
+        await asyncio.wait_for(drain(), timeout)
+    except asyncio.TimeoutError:
+        raise ProxyError(408, f"request body not received within {timeout:g} s") from None
+    request[CONTROL_BODY] = data = b"".join(chunks)
+    request[RECEIVED] = len(data)
+    return data
 
 
 async def json_object(request: web.Request, expected: str, *, empty_ok: bool = False) -> dict[str, Any]:
@@ -967,7 +1056,7 @@ async def json_object(request: web.Request, expected: str, *, empty_ok: bool = F
         return {}
     try:
         payload = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested beyond the parser's depth
         raise ProxyError(400, f"body is not valid JSON; expected {expected}") from None
     if not isinstance(payload, dict):
         raise ProxyError(400, f"body must be a JSON object; expected {expected}")
@@ -988,19 +1077,28 @@ def require_field(payload: dict[str, Any], name: str, expected: str, *, lists: b
 # Handlers
 # --------------------------------------------------------------------------------------------
 
-IMAGE_URL_ID = re.compile(rb"/v1/images/([A-Za-z0-9._~-]+)/content")
+IMAGE_URL = re.compile(r"/v1/images/([A-Za-z0-9._~-]{1,128})/content(?:\?variant=\d+)?")
 TARGET_HEADER = "X-Target-Worker"
 
 
 def track_image_ids(pool: WorkerPool, worker: Worker, data: bytes) -> None:
-    """Record the worker as owner of every /v1/images/{id}/content URL in its small answer."""
-    pool.remember_jobs(worker, dict.fromkeys(m.decode() for m in IMAGE_URL_ID.findall(data)))
+    """Record the worker as owner of the files its answer's data[].url fields link to (prompts may
+    contain anything, so only those fields count)."""
+    if b"/v1/images/" not in data:  # b64_json answers: nothing to parse
+        return
+    body = decode_body(data)
+    items = body.get("data") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        return
+    urls = (item.get("url") for item in items if isinstance(item, dict))
+    pool.remember_jobs(worker, dict.fromkeys(
+        m.group(1) for m in map(IMAGE_URL.fullmatch, (u for u in urls if isinstance(u, str))) if m))
 
 
 def track_job_id(pool: WorkerPool, worker: Worker, data: bytes) -> None:
     """Record the worker as owner of the job id in its answer to a job-creating request."""
     body = decode_body(data)
-    if isinstance(body, dict) and isinstance(body.get("id"), str):
+    if isinstance(body, dict) and isinstance(body.get("id"), str) and len(body["id"]) <= 128:
         pool.remember_jobs(worker, [body["id"]])
 
 
@@ -1037,7 +1135,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
         return json_error(400, f"{TARGET_HEADER}: {exc}")
     if worker is None:
         return json_error(404, f"{TARGET_HEADER}: worker {target} is not registered")
-    if not worker.reachable:
+    if worker.state != HEALTHY:  # quarantined, or syncing to the fleet's weights
         return json_error(503, f"{TARGET_HEADER}: worker {worker.url} is {worker.display_state}")
     return await proxy(request, worker=worker)
 
@@ -1056,7 +1154,7 @@ async def handle_sticky(request: web.Request) -> web.StreamResponse:
     if not owner.reachable:
         return json_error(503, f"the worker of {job_id} ({owner.url}) is {owner.display_state}: {owner.out_reason}",
                           code="job_worker_gone")
-    response = await proxy(request, worker=owner)
+    response = await proxy(request, worker=owner, hold=False)
     if request.method == "DELETE" and 200 <= response.status < 300:
         pool.forget_job(job_id)
     return response
@@ -1085,15 +1183,21 @@ async def handle_list_videos(request: web.Request) -> web.Response:
     workers = [w for w in request.app[POOL].workers.values() if w.reachable]
     if not workers:
         return json_error(503, "no available worker")
-    results = await fan_out(request, workers)
-    jobs = [job for r in results if r.ok and isinstance(r.body, dict) for job in r.body.get("data") or ()]
-    jobs.sort(key=lambda j: j.get("created_at") or 0 if isinstance(j, dict) else 0,
-              reverse=request.query.get("order", "desc") != "asc")
     try:
         limit = int(request.query.get("limit", "20"))
     except ValueError:
         return json_error(400, "limit must be an integer")
+    results = await fan_out(request, workers)
+    jobs = [job for r in results for job in listed(r) if isinstance(job, dict)]
+    jobs.sort(key=lambda j: j["created_at"] if isinstance(j.get("created_at"), (int, float)) else 0,
+              reverse=request.query.get("order", "desc") != "asc")
     return merged_list(results, jobs[:max(limit, 0)])
+
+
+def listed(result: WorkerResult) -> list[Any]:
+    """Return the data list of a worker's list answer, or nothing if the answer is not one."""
+    data = result.body.get("data") if result.ok and isinstance(result.body, dict) else None
+    return data if isinstance(data, list) else []
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -1102,12 +1206,10 @@ async def handle_models(request: web.Request) -> web.Response:
     if not workers:
         return json_error(503, "no available worker")
     results = await fan_out(request, workers)
-    cards: dict[Any, Any] = {}
-    for result in results:
-        if result.ok and isinstance(result.body, dict):
-            for card in result.body.get("data") or ():
-                key = card.get("id") if isinstance(card, dict) else json.dumps(card)
-                cards.setdefault(key, card)
+    cards: dict[str, Any] = {}
+    for card in (card for result in results for card in listed(result)):
+        key = card.get("id") if isinstance(card, dict) else None
+        cards.setdefault(key if isinstance(key, str) else json.dumps(card, sort_keys=True, default=str), card)
     return merged_list(results, list(cards.values()))
 
 
@@ -1247,8 +1349,13 @@ async def admit_worker(app: web.Application, url: str) -> tuple[Worker, bool]:
     worker, created = pool.add(url)
     if created or worker.state == QUARANTINED:
         worker.consecutive_failures = 0
+        worker.held = False
         pool.set_state(worker, HEALTHY)
-        await read_capabilities(app, worker)
+        try:
+            await read_capabilities(app, worker)
+        except ProxyError:
+            pool.remove(url)
+            raise
         if worker.state != QUARANTINED:  # it may have refused the capability read
             begin_rejoin(app, worker, force=not created)
     return worker, created
@@ -1301,10 +1408,7 @@ async def handle_update_weights(request: web.Request) -> web.Response:
 
 
 def model_path_of(body: bytes) -> str | None:
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None
+    payload = decode_body(body)
     return payload.get("model_path") if isinstance(payload, dict) else None
 
 
@@ -1345,6 +1449,7 @@ async def handle_rest_worker(request: web.Request) -> web.Response:
     if flag is not None:
         if flag and worker.state != QUARANTINED:
             pool.set_state(worker, QUARANTINED, "quarantined by an operator")
+            worker.held = True
         elif not flag and worker.state == QUARANTINED:
             await admit_worker(app, worker.url)
     return web.json_response(worker.describe())
@@ -1502,16 +1607,25 @@ async def probe(app: web.Application, worker: Worker) -> None:
             if not 200 <= response.status < 300:
                 raise ProbeFailed(f"health check answered {response.status}")
     except (aiohttp.ClientError, asyncio.TimeoutError, ProbeFailed) as exc:
+        if out_of_descriptors(exc):  # the router's own shortage says nothing about the worker
+            log.error("health check of %s skipped: the router is out of file descriptors", worker.url)
+            return
         reason = str(exc) if isinstance(exc, ProbeFailed) else f"health check failed: {describe(exc)}"
         log.debug("worker %s: %s", worker.url, reason)
         app[POOL].metrics.inc("health_probe_failures_total", worker.url)
         app[POOL].record_failure(worker, reason)
         return
-    if app[POOL].record_success(worker):
+    pool = app[POOL]
+    if pool.record_success(worker):
         log.info("worker %s answers health checks again", worker.url)
         await read_capabilities(app, worker)
         begin_rejoin(app, worker, force=True)
     elif worker.state == SYNCING:
+        begin_rejoin(app, worker)
+    elif worker.state == HEALTHY and await lost_its_weights(app, worker):
+        log.warning("worker %s restarted and lost weight version %d", worker.url, worker.weight_version)
+        worker.weight_version = 0
+        pool.set_state(worker, SYNCING, "restarted: reports its startup model again")
         begin_rejoin(app, worker)
 
 
@@ -1540,6 +1654,8 @@ async def read_capabilities(app: web.Application, worker: Worker) -> None:
     config = app[CONFIG]
     timeout = aiohttp.ClientTimeout(total=config.health_check_timeout, sock_connect=config.connect_timeout)
     result = await call_worker(app, worker, "GET", "/v1/models", timeout=timeout)
+    if result.status == 508 and isinstance(result.body, dict) and result.body.get("code") == "routing_loop":
+        raise ProxyError(400, f"{worker.url} is this router itself (or routes back to it)")
     if result.exception is not None and is_refused(result.exception):  # nothing serves there (yet)
         app[POOL].record_failure(worker, f"unreachable: {result.error}", fatal=True)
         return
@@ -1549,12 +1665,44 @@ async def read_capabilities(app: web.Application, worker: Worker) -> None:
         task_type = None
     if task_type is not None:
         worker.task_type = str(task_type)
+    reported = await reported_model_path(app, worker)
+    weights = app[POOL].weights
+    if reported is not None and (weights is None or reported != weights.model_path):
+        worker.startup_model_path = reported
+
+
+async def reported_model_path(app: web.Application, worker: Worker) -> str | None:
+    """Return the model path the worker's GET /server_info reports (a weight update changes it)."""
+    config = app[CONFIG]
+    try:
+        async with app[PROBE_SESSION].get(
+            worker.url + "/server_info", headers=app[WORKER_HEADERS],
+            timeout=aiohttp.ClientTimeout(total=config.health_check_timeout),
+        ) as response:
+            body = decode_body(await response.read()) if response.status == 200 else None
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+    path = body.get("model_path") if isinstance(body, dict) else None
+    return path if isinstance(path, str) else None
+
+
+async def lost_its_weights(app: web.Application, worker: Worker) -> bool:
+    """Tell whether a serving worker reports its startup model again: it restarted since its update."""
+    weights = app[POOL].weights
+    if (weights is None or worker.weight_version == 0 or worker.startup_model_path is None
+            or weights.model_path in (None, worker.startup_model_path)):
+        return False
+    return await reported_model_path(app, worker) == worker.startup_model_path
 
 
 def begin_rejoin(app: web.Application, worker: Worker, *, force: bool = False) -> None:
-    """Return a worker to the pool, first replaying the last weight update if it may lack it."""
+    """Return a worker to the pool, first replaying the last weight update if it may lack it.
+
+    A worker already syncing leaves that state only through a successful resync.
+    """
     pool = app[POOL]
-    if pool.weights is None or (worker.weight_version >= pool.weight_version and not force):
+    if worker.state != SYNCING and (
+            pool.weights is None or (worker.weight_version >= pool.weight_version and not force)):
         pool.set_state(worker, HEALTHY)
         worker.weight_version = pool.weight_version
         return
@@ -1572,7 +1720,7 @@ async def resync(app: web.Application, worker: Worker) -> None:
         if worker.removed or worker.state != SYNCING or weights is None:
             return
         result = await call_worker(app, worker, "POST", "/update_weights_from_disk", body=weights.body,
-                                   headers={"Content-Type": weights.content_type})
+                                   headers={**app[WORKER_HEADERS], "Content-Type": weights.content_type})
         if worker.removed or worker.state != SYNCING:
             return
         if result.ok:
@@ -1602,6 +1750,7 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 REQUEST_ID_PREFIX = os.urandom(8).hex()
 REQUEST_COUNTER = itertools.count(1)
 QUIET_PATHS = frozenset({"/health", "/metrics"})
+CLIENT_CLOSED = 499  # nginx's status for "client closed the connection first"; only in logs and metrics
 access_log = logging.getLogger("diffusion_router.access")
 
 
@@ -1616,8 +1765,12 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     app = request.app
     active = app[ACTIVE]
     target = request.raw_path
-    if "%" in target and BAD_PERCENT.search(target):
-        response: web.StreamResponse = json_error(400, "invalid percent-encoding in the request target")
+    via = request.headers.get("Via")
+    if via is not None and app[VIA] in via:
+        response: web.StreamResponse = json_error(508, "request came back to the router that sent it: a worker "
+                                                       "URL points at this router", code="routing_loop")
+    elif "%" in target and BAD_PERCENT.search(target):
+        response = json_error(400, "invalid percent-encoding in the request target")
     elif active[0] >= app[CONFIG].max_concurrent_requests:
         response = json_error(503, "router is at its limit of concurrent requests")
     else:
@@ -1628,6 +1781,13 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
             if exc.status < 400:
                 raise
             response = json_error(exc.status, exc.reason)
+        except (ConnectionError, asyncio.CancelledError) as exc:  # the client went away mid-request
+            log.info("request %s %s %s: client left (%s)", request_id, request.method, request.path, describe(exc))
+            app[POOL].metrics.record_request(route_label(request), request.get(WORKER_LABEL, ""), CLIENT_CLOSED,
+                                             time.monotonic() - started, request.get(RECEIVED, 0), 0)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return web.Response(status=CLIENT_CLOSED)  # never sent: there is no one to send it to
         except Exception:
             log.exception("request %s %s %s failed inside the router", request_id, request.method, request.path)
             response = json_error(500, "internal router error")
@@ -1696,21 +1856,31 @@ async def authorize(request: web.Request, handler: Callable) -> web.StreamRespon
                              headers={"WWW-Authenticate": "Bearer"})
 
 
-def own(**handlers: Callable) -> Callable:
-    """Return a handler serving the router's own path for the given methods, 405 JSON otherwise."""
+def own(*, forwards: bool = False, **handlers: Callable) -> Callable:
+    """Return a handler serving the router's own path for the given methods, 405 JSON otherwise.
+
+    The server cancels a handler whose client went away. A forwarding handler lets that cancel its
+    request to the worker; the others (registration, broadcasts) run to the end regardless, so the
+    router's state never stops half-changed.
+    """
     if "GET" in handlers:
         handlers.setdefault("HEAD", handlers["GET"])
     allowed = ", ".join(sorted(handlers))
+
+    async def run(handler: Callable, request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProxyError as exc:
+            return json_error(exc.status, exc.message)
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
         handler = handlers.get(request.method)
         if handler is None:
             return web.json_response({"error": f"method {request.method} not allowed on {request.path}"},
                                      status=405, headers={"Allow": allowed})
-        try:
-            return await handler(request)
-        except ProxyError as exc:
-            return json_error(exc.status, exc.message)
+        if forwards:
+            return await run(handler, request)
+        return await asyncio.shield(run(handler, request))
 
     return dispatch
 
@@ -1745,13 +1915,22 @@ async def announce_shutdown(app: web.Application) -> None:
 async def background_tasks(app: web.Application):
     """Register the configured workers, run health checks, and stop every task on shutdown."""
     urls = dict.fromkeys(normalize_worker_url(url) for url in app[CONFIG].worker_urls)
-    await asyncio.gather(*(admit_worker(app, url) for url in urls))
+    for url, outcome in zip(urls, await asyncio.gather(*(admit_worker(app, u) for u in urls), return_exceptions=True)):
+        if isinstance(outcome, ProxyError):
+            log.error("worker %s not registered: %s", url, outcome.message)
+        elif isinstance(outcome, BaseException):
+            raise outcome
     spawn(app, health_loop(app))
     yield
     tasks = list(app[TASKS])
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+# How the HTTP server must run the app (the CLI and the tests both use this): cancel the handler of a
+# client that went away, so a request it abandoned stops holding a worker connection and a lease.
+SERVER_OPTIONS: dict[str, Any] = {"handler_cancellation": True}
 
 
 def create_app(config: RouterConfig | None = None) -> web.Application:
@@ -1772,7 +1951,10 @@ def create_app(config: RouterConfig | None = None) -> web.Application:
     app[ALLOWED_HOSTS] = config.allowed_hosts()
     # With keys of its own the router forwards the client's Authorization to no worker.
     app[REQUEST_DROP_KEY] = REQUEST_DROP | {"authorization"} if config.keys_required else REQUEST_DROP
-    app[WORKER_AUTH] = {"Authorization": f"Bearer {config.worker_api_key}"} if config.worker_api_key else {}
+    app[VIA] = f"1.1 diffusion_router-{os.urandom(6).hex()}"  # lets the router see its own requests come back
+    app[WORKER_HEADERS] = {"Via": app[VIA]}
+    if config.worker_api_key:
+        app[WORKER_HEADERS]["Authorization"] = f"Bearer {config.worker_api_key}"
     app.cleanup_ctx.append(client_sessions)
     app.cleanup_ctx.append(background_tasks)
 
@@ -1786,8 +1968,8 @@ ROUTES: dict[str, Callable] = {
     "/": own(GET=handle_dashboard),
     "/dashboard": own(GET=handle_dashboard),
     "/metrics": own(GET=handle_metrics),
-    "/generate": own(POST=handle_generate),
-    "/generate_video": own(POST=handle_generate_video),
+    "/generate": own(forwards=True, POST=handle_generate),
+    "/generate_video": own(forwards=True, POST=handle_generate_video),
     "/health": own(GET=handle_health),
     "/health_workers": own(GET=handle_health_workers),
     "/add_worker": own(POST=handle_add_worker),
@@ -1803,12 +1985,12 @@ ROUTES: dict[str, Callable] = {
     "/v1/unmerge_lora_weights": own(POST=handle_broadcast),
     "/get_weights_checksum": own(POST=handle_checksum),
     "/v1/models": own(GET=handle_models),
-    "/v1/images/generations": own(POST=handle_images),
-    "/v1/images/edits": own(POST=handle_images),
-    "/v1/images/{job_id}/content": own(GET=handle_sticky),
-    "/v1/videos": own(POST=handle_create_video, GET=handle_list_videos),
-    "/v1/videos/{job_id}": own(GET=handle_sticky, DELETE=handle_sticky),
-    "/v1/videos/{job_id}/content": own(GET=handle_sticky),
+    "/v1/images/generations": own(forwards=True, POST=handle_images),
+    "/v1/images/edits": own(forwards=True, POST=handle_images),
+    "/v1/images/{job_id}/content": own(forwards=True, GET=handle_sticky),
+    "/v1/videos": own(forwards=True, POST=handle_create_video, GET=handle_list_videos),
+    "/v1/videos/{job_id}": own(forwards=True, GET=handle_sticky, DELETE=handle_sticky),
+    "/v1/videos/{job_id}/content": own(forwards=True, GET=handle_sticky),
 }
 
 
@@ -1894,7 +2076,7 @@ def main(worker_urls: tuple[str, ...], more_worker_urls: tuple[str, ...], allowe
     logging.getLogger("aiohttp.server").setLevel(logging.DEBUG if verbose else logging.CRITICAL)  # parse-error noise
     try:
         web.run_app(create_app(config), host=config.host, port=config.port, print=announce,
-                    shutdown_timeout=config.shutdown_timeout, access_log=None)
+                    shutdown_timeout=config.shutdown_timeout, access_log=None, **SERVER_OPTIONS)
     except OSError as exc:  # address in use, unknown host, no such interface
         raise click.ClickException(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}") from None
 

@@ -30,7 +30,8 @@ pytestmark = [
 ]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-QUIET = dict(health_check_interval=3600.0)  # health is stepped by hand, never by the clock
+QUIET = dict(health_check_interval=3600.0)
+ROUTER_PROBES = ("/health", "/v1/models", "/server_info")  # what the router asks of a worker by itself  # health is stepped by hand, never by the clock
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,7 +63,8 @@ class StandIn:
         return self.app[BEHAVIOUR]
 
     def paths(self, method: str | None = None) -> list[str]:
-        return [s.path for s in self.seen if s.path != "/health" and (method is None or s.method == method)]
+        """Return the paths of the requests this worker saw, less the router's own probes."""
+        return [s.path for s in self.seen if s.path not in ROUTER_PROBES and (method is None or s.method == method)]
 
     def generations(self) -> int:
         return sum(1 for s in self.seen if s.path in ("/v1/images/generations", "/v1/videos") and s.method == "POST")
@@ -98,7 +100,7 @@ async def router(aiohttp_client):
     async def start(*urls: str, **config):
         settings = {**QUIET, **config}
         app = dr.create_app(dr.RouterConfig(worker_urls=tuple(urls), **settings))
-        return await aiohttp_client(app)
+        return await aiohttp_client(app, server_kwargs=dr.SERVER_OPTIONS)
 
     return start
 
@@ -379,6 +381,8 @@ def test_default_ports_are_normalised_away():
     "http://gpu1#frag", "http://gpu1:99999", 42, None, ["http://gpu1"], "http://169.254.169.254",
     "http://metadata.google.internal", "http://2852039166", "http://0xa9fea9fe", "http://[fe80::1]",
     "http://[::ffff:169.254.169.254]", "http://instance-data", "http://metadata.google.internal.",
+    "http://exa mple.com", "http://xn--metadata-.google.internal", "http://xn--a-.com", "http://" + "a" * 3000,
+    "http://[64:ff9b::a9fe:a9fe]", "http://[::169.254.169.254]", "http://[::ffff:0:a9fe:a9fe]", "http://gp\nu1",
 ])
 async def test_add_worker_rejects_bad_urls_with_400_json(router, bad):
     client = await router()
@@ -428,7 +432,7 @@ async def test_unknown_methods_get_405_json_and_are_not_forwarded(spawn_worker, 
     resp = await client.request("PROPFIND", "/anything")
     assert resp.status == 405
     assert "error" in await resp.json()
-    assert worker.paths() == ["/v1/models"]
+    assert worker.paths() == []
 
 
 # --------------------------------------------------------------------------------------------
@@ -741,6 +745,7 @@ def test_cli_version_and_help():
     ([], {"DIFFUSION_ROUTER_TIMEOUT": "soon"}, "--timeout"),
     (["--allowed-worker-hosts", "10.0.0.0/33"], {}, "--allowed-worker-hosts"),
     (["--allowed-worker-hosts", "bad_host!"], {}, "--allowed-worker-hosts"),
+    (["--worker-urls", "http://xn--a-.com"], {}, "--worker-urls"),
 ])
 def test_cli_bad_values_are_one_line_errors(args, env, word):
     result = run_cli(*args, env=env)
@@ -1096,7 +1101,7 @@ async def test_unknown_job_id_is_404_json(spawn_worker, router):
         resp = await client.get(path)
         assert resp.status == 404
         assert (await resp.json())["code"] == "unknown_job"
-    assert worker.paths("GET") == ["/v1/models"]
+    assert worker.paths("GET") == []
 
 
 async def test_job_of_a_removed_worker_is_a_distinct_gone_error(spawn_worker, router):
@@ -1557,7 +1562,7 @@ async def test_status_page_is_self_contained_html_with_the_worker_table(spawn_wo
     assert worker.url in page and "<table" in page and "healthy" in page
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(\s*['"]?https?:""", page)
     assert "health_workers" in page  # the script refreshes from the router's own JSON
-    assert worker.paths() == ["/v1/models"]  # served by the router, not forwarded
+    assert worker.paths() == []  # served by the router, not forwarded
 
 
 async def test_status_page_escapes_worker_errors(router):
@@ -1740,6 +1745,10 @@ J = "Content-Type: application/json\r\n"
 # (False: aiohttp's HTTP parser refuses the framing with plain text before the router sees it).
 BAD_INPUT = [
     ("malformed JSON to add_worker", http("POST", "/add_worker", b"{nope", J), 400, True),
+    ("JSON nested beyond the parser's depth", http("POST", "/add_worker", b"[" * 100_000, J), 400, True),
+    ("deep JSON weight update", http("POST", "/update_weights_from_disk", b"[" * 100_000, J), 400, True),
+    ("worker URL with a space", http("POST", "/add_worker", b'{"url": "http://exa mple.com"}', J), 400, True),
+    ("request that says it came from this router", http("GET", "/stats", headers="Via: {via}\r\n"), 508, True),
     ("JSON array to add_worker", http("POST", "/add_worker", b"[1]", J), 400, True),
     ("url of the wrong type", http("POST", "/add_worker", b'{"url": 5}', J), 400, True),
     ("missing url", http("POST", "/add_worker", b"{}", J), 400, True),
@@ -1780,7 +1789,7 @@ async def test_bad_input_gets_a_clear_4xx_and_changes_nothing(spawn_worker, rout
     worker = await spawn_worker()
     client = await router(worker.url, max_request_size=2 * dr.MiB)
     before = (await (await client.get("/health_workers")).json())["workers"]
-    got, body = await raw_exchange(client, request_bytes)
+    got, body = await raw_exchange(client, request_bytes.replace(b"{via}", client.app[dr.VIA].encode()))
     assert got == status
     if router_json:
         assert "error" in json.loads(body)
@@ -1911,3 +1920,214 @@ async def test_stress_with_vanishing_clients_killed_workers_and_garbage(spawn_wo
             await wait_for(lambda: process_fds(pid) <= limit, timeout=5)
         assert process_fds(pid) <= limit, (base_fds, process_fds(pid))
         assert process_rss_kb(pid) <= base_rss + 60_000, (base_rss, process_rss_kb(pid))
+
+
+# --------------------------------------------------------------------------------------------
+# Cases found by attacking the router: each kind fixed, each case kept
+# --------------------------------------------------------------------------------------------
+
+
+async def test_recovering_worker_serves_nothing_until_its_resync_succeeds(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    await quarantine(client, b)
+    b.behaviour.weight_update_latency = 0.5  # a realistic weight load takes a while
+    b.behaviour.health_status = 200
+    for _ in range(2):  # the success threshold
+        await health_round(client)
+    for _ in range(3):  # more good probes while the replay still runs
+        assert worker_of(client, b.url).state == dr.SYNCING
+        await health_round(client)
+    assert worker_of(client, b.url).state == dr.SYNCING
+    for _ in range(3):
+        assert (await client.post("/generate", json=PROMPT)).status == 200
+    assert b.generations() == 0
+    await settle(client)
+    assert worker_of(client, b.url).state == dr.HEALTHY and len(b.state.weight_updates) == 2
+
+
+async def test_quickly_restarted_worker_is_found_and_resynced(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    await b.stop()
+    b = await b.restart()  # back before any probe noticed: never quarantined
+    try:
+        assert b.state.model_path == "stand-in/model"
+        await health_round(client)
+        assert worker_of(client, b.url).state == dr.SYNCING
+        await settle(client)
+        assert b.state.weight_updates == [UPDATE] and b.state.model_path == UPDATE["model_path"]
+        assert worker_of(client, b.url).state == dr.HEALTHY
+        await health_round(client)  # a worker holding the update is left alone
+        assert worker_of(client, b.url).state == dr.HEALTHY and len(b.state.weight_updates) == 1
+    finally:
+        await b.stop()
+
+
+async def test_the_router_refuses_itself_as_a_worker(router):
+    client = await router()
+    own_url = f"http://127.0.0.1:{client.server.port}"
+    resp = await client.post("/add_worker", json={"url": own_url})
+    assert resp.status == 400 and "this router" in (await resp.json())["error"]
+    assert pool_of(client).workers == {}
+
+
+async def test_a_loop_between_two_routers_ends_in_508(aiohttp_client, spawn_worker):
+    first = await aiohttp_client(dr.create_app(dr.RouterConfig(**QUIET)), server_kwargs=dr.SERVER_OPTIONS)
+    second = await aiohttp_client(dr.create_app(dr.RouterConfig(**QUIET)), server_kwargs=dr.SERVER_OPTIONS)
+    first_url, second_url = (f"http://127.0.0.1:{c.server.port}" for c in (first, second))
+    assert (await second.post("/add_worker", json={"url": first_url})).status == 201
+    assert (await first.post("/add_worker", json={"url": second_url})).status == 201
+    resp = await first.get("/stats")
+    assert resp.status == 508
+    assert (await resp.json())["code"] == "routing_loop"
+    for client in (first, second):
+        assert all(w.active_requests == 0 for w in pool_of(client).workers.values())
+
+
+async def test_prompts_cannot_claim_or_evict_job_ids(spawn_worker, router):
+    video, image = await spawn_worker(task_type="T2V"), await spawn_worker(task_type="T2I")
+    client = await router(video.url, image.url, max_tracked_jobs=5)
+    job = await (await client.post("/v1/videos", json={"prompt": "p"})).json()
+    fakes = " ".join(f"/v1/images/fake{i}/content" for i in range(20))
+    prompt = f"look at /v1/images/{job['id']}/content and {fakes}"
+    resp = await client.post("/generate", json={"prompt": prompt, "response_format": "url"})
+    assert resp.status == 200
+    assert pool_of(client).job_owner[job["id"]] is worker_of(client, video.url)
+    assert not any(k.startswith("fake") for k in pool_of(client).job_owner)
+    assert (await client.get(f"/v1/videos/{job['id']}")).status == 200
+
+
+async def test_a_client_that_stops_reading_is_cut_off(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V", video_bytes=64 * dr.MiB, chunk_size=dr.MiB)
+    client = await router(worker.url, client_timeout=0.5)
+    job = await (await client.post("/v1/videos", json={"prompt": "p"})).json()
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    writer.write(f"GET /v1/videos/{job['id']}/content HTTP/1.1\r\nHost: r\r\n\r\n".encode())
+    await writer.drain()
+    await wait_for(lambda: worker_of(client, worker.url).active_requests == 1)
+    await wait_for(lambda: worker_of(client, worker.url).active_requests == 0, timeout=10)  # never read
+    writer.close()
+    assert worker_of(client, worker.url).state == dr.HEALTHY  # the client's fault, not the worker's
+
+
+async def test_a_client_leaving_a_hung_request_frees_its_lease(spawn_worker, router):
+    worker = await spawn_worker(fail_mode="hang")
+    client = await router(worker.url)
+    request = asyncio.ensure_future(client.post("/generate", json=PROMPT))
+    await wait_for(lambda: worker.generations() == 1)
+    request.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await request
+    await wait_for(lambda: worker_of(client, worker.url).active_requests == 0)
+    metrics = await scrape(client)
+    assert sample_value(metrics, "diffusion_router_requests_total", route="/generate", code="499") == 1
+
+
+async def test_a_client_closing_right_after_sending_is_no_router_error(spawn_worker, router, caplog):
+    worker = await spawn_worker(latency=0.2)
+    client = await router(worker.url)
+    body = json.dumps(PROMPT).encode()
+    for _ in range(3):
+        reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+        writer.write(http("POST", "/generate", body, J))
+        await writer.drain()
+        writer.close()
+    await wait_for(lambda: worker.generations() == 3 or worker_of(client, worker.url).active_requests == 0)
+    await wait_for(lambda: worker_of(client, worker.url).active_requests == 0)
+    metrics = await scrape(client)
+    codes = {lab["code"] for n, lab, _ in metrics["diffusion_router_requests_total"]["samples"]}
+    assert "500" not in codes
+    assert "Traceback" not in caplog.text and "inside the router" not in caplog.text
+
+
+@pytest.mark.parametrize("path", ["/add_worker", "/update_weights_from_disk", "/release_memory_occupation",
+                                  "/v1/set_lora", "/workers"])
+async def test_stalled_control_bodies_get_408(spawn_worker, router, path):
+    worker = await spawn_worker()
+    client = await router(worker.url, client_timeout=0.3)
+    head = f"POST {path} HTTP/1.1\r\nHost: r\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+    status, body = await raw_exchange(client, head.encode() + b"{")
+    assert status == 408 and "error" in json.loads(body)
+
+
+async def test_control_bodies_are_limited_to_one_mib(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    big = json.dumps({"url": worker.url, "pad": "x" * (2 * dr.MiB)})
+    resp = await client.post("/add_worker", data=big, headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+
+    async def chunks():
+        yield b'{"model_path": "/m", "pad": "'
+        for _ in range(3):
+            yield b"x" * dr.MiB
+        yield b'"}'
+
+    resp = await client.post("/update_weights_from_disk", data=chunks())
+    assert resp.status == 413
+    assert not worker.state.weight_updates
+
+
+async def test_operator_quarantine_is_not_undone_by_good_probes(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    worker_id = quote(worker.url, safe="")
+    await client.put(f"/workers/{worker_id}", json={"quarantined": True})
+    for _ in range(5):
+        await health_round(client)
+    assert worker_of(client, worker.url).state == dr.QUARANTINED
+    await client.put(f"/workers/{worker_id}", json={"quarantined": False})
+    assert worker_of(client, worker.url).state == dr.HEALTHY
+
+
+async def test_worker_key_is_on_every_request_the_router_makes_itself(spawn_worker, router):
+    a = await spawn_worker()
+    client = await router(a.url, worker_api_key="wk")
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    b = await spawn_worker()
+    await client.post("/add_worker", json={"url": b.url})
+    await settle(client)
+    for seen in b.seen:
+        if seen.path in ("/v1/models", "/update_weights_from_disk"):
+            assert seen.headers["Authorization"] == "Bearer wk", seen.path
+    assert b.state.weight_updates == [UPDATE]
+
+
+async def test_removed_workers_leave_no_metric_series(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    for _ in range(4):
+        await client.post("/generate", json=PROMPT)
+    await client.post("/remove_worker", json={"url": b.url})
+    text = await (await client.get("/metrics")).text()
+    assert b.url not in text and a.url in text
+
+
+def test_odd_worker_list_answers_merge_without_error():
+    odd = [dr.WorkerResult("w", 200, body) for body in
+           ({"data": 7}, {"data": [1, "x", None]}, {"data": [{"id": ["unhashable"]}, {"id": "m"}]}, "text", None)]
+    assert [len(dr.listed(r)) for r in odd] == [0, 3, 2, 0, 0]
+
+
+async def test_target_worker_header_respects_syncing_and_the_update_hold(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker(weight_update_status=500)
+    client = await router(a.url, b.url)
+    await client.post("/update_weights_from_disk", json=UPDATE)
+    await settle(client)
+    assert worker_of(client, b.url).state == dr.SYNCING
+    resp = await client.post("/rollout/generate", json={"prompt": "p"}, headers={"X-Target-Worker": b.url})
+    assert resp.status == 503 and "syncing" in (await resp.json())["error"]
+
+
+async def test_head_of_a_download_passes_headers_only(spawn_worker, router):
+    worker = await spawn_worker(task_type="T2V", video_bytes=100_000)
+    client = await router(worker.url)
+    job = await (await client.post("/v1/videos", json={"prompt": "p"})).json()
+    resp = await client.head(f"/v1/videos/{job['id']}/content")
+    assert resp.status == 200 and resp.headers["Content-Length"] == "100000"
+    assert await resp.read() == b""
+    resp = await client.get(f"/v1/videos/{job['id']}/content")  # the kept-alive connection is still sound
+    assert resp.status == 200 and len(await resp.read()) == 100_000

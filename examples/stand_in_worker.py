@@ -314,6 +314,9 @@ async def _send_file(request: web.Request, file_id: str, stored: StoredFile) -> 
         "Content-Disposition": f'attachment; filename="{stored.name(file_id, int(variant))}"'})
     response.content_length = stored.size
     await response.prepare(request)
+    if request.method == "HEAD":  # headers only: a body here would desynchronise a kept-alive connection
+        await response.write_eof()
+        return response
     behaviour = request.app[BEHAVIOUR]
     for index, chunk in enumerate(_file_chunks(stored.fmt, stored.size, behaviour.chunk_size)):
         await response.write(chunk)  # waits for the socket to drain, so memory stays flat
