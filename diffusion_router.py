@@ -622,6 +622,14 @@ READ_CHUNK = 256 * 1024
 DIAL_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
+async def within(seconds: float, awaitable: Any) -> Any:
+    """Await with a deadline (asyncio.TimeoutError past it), without a task per call where Python allows."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
+
+
 class ProxyError(Exception):
     """A failure the router answers itself with a JSON error."""
 
@@ -707,7 +715,8 @@ class RequestBody:
             return cls(request, None, limit, client_timeout)
         if length is not None and length <= SMALL_BODY:
             try:
-                data = await asyncio.wait_for(request.read(), client_timeout)
+                # Usually the whole body came with the headers: then there is nothing to wait for.
+                data = await (request.read() if request.content.is_eof() else within(client_timeout, request.read()))
             except asyncio.TimeoutError:
                 raise ProxyError(408, f"request body not received within {client_timeout:g} s") from None
             request[RECEIVED] = len(data)
@@ -730,7 +739,7 @@ class RequestBody:
         content, received = self.request.content, 0
         try:
             while True:
-                chunk = await asyncio.wait_for(content.readany(), self.client_timeout)
+                chunk = await within(self.client_timeout, content.readany())
                 if not chunk:
                     break
                 received += len(chunk)
@@ -907,7 +916,7 @@ async def relay(
     try:
         async for chunk in upstream.content.iter_any():
             try:  # a client that stops reading must not hold a worker connection forever
-                await asyncio.wait_for(response.write(chunk), client_timeout)
+                await within(client_timeout, response.write(chunk))
             except asyncio.TimeoutError:
                 raise ClientGone(f"client read nothing for {client_timeout:g} s") from None
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, asyncio.TimeoutError, ConnectionError,
@@ -1041,7 +1050,7 @@ async def read_small_body(request: web.Request) -> bytes:
 
     timeout = request.app[CONFIG].client_timeout
     try:
-        await asyncio.wait_for(drain(), timeout)
+        await within(timeout, drain())
     except asyncio.TimeoutError:
         raise ProxyError(408, f"request body not received within {timeout:g} s") from None
     request[CONTROL_BODY] = data = b"".join(chunks)
