@@ -6,6 +6,8 @@ HOST ?= 0.0.0.0
 PORT ?= 30080
 WORKERS ?=
 PYTEST_FLAGS ?= -q
+# pytest-asyncio asks for the loop scope of async fixtures to be stated: one loop per test.
+PYTEST := $(PY) -m pytest -o asyncio_default_fixture_loop_scope=function
 
 .PHONY: install run test demo bench bench-deps soak clean
 
@@ -20,7 +22,7 @@ run: install  ## start the router; workers from WORKERS="http://gpu1:10090 http:
 	$(PY) diffusion_router.py --host $(HOST) --port $(PORT) $(if $(strip $(WORKERS)),--worker-urls $(WORKERS))
 
 test: install  ## run the test suite
-	$(PY) -m pytest $(PYTEST_FLAGS) test_diffusion_router.py
+	$(PYTEST) $(PYTEST_FLAGS) test_diffusion_router.py
 
 demo: install  ## two stand-in workers, the router, the README's example requests; stops all it started
 	$(PY) examples/demo.py
@@ -41,4 +43,4 @@ bench: install  ## bounded benchmark on 127.0.0.1 (~3 min); table on stdout and 
 
 soak: install  ## the long stress run: 50k requests, 1000 concurrent, vanishing clients, killed workers (<= 10 min)
 	STRESS_REQUESTS=50000 STRESS_CONCURRENCY=1000 STRESS_SECONDS=600 \
-		$(PY) -m pytest -q -p no:cacheprovider test_diffusion_router.py -k stress
+		$(PYTEST) -q -p no:cacheprovider test_diffusion_router.py -k stress
