@@ -589,15 +589,18 @@ async def test_worker_timeout_gives_504_and_releases_the_count(spawn_worker, rou
     assert worker.generations() == 1  # never re-sent
 
 
-async def test_client_going_away_mid_request_releases_the_count(spawn_worker, router):
-    worker = await spawn_worker(latency=0.3)
+@pytest.mark.parametrize("behaviour", [{"latency": 0.3}, {"fail_mode": "hang"}], ids=["slow", "hung"])
+async def test_client_going_away_mid_request_releases_the_count(spawn_worker, router, behaviour):
+    worker = await spawn_worker(**behaviour)
     client = await router(worker.url)
     request = asyncio.ensure_future(client.post("/generate", json=PROMPT))
     await wait_for(lambda: worker.generations() == 1)
     request.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await request
-    await wait_for(lambda: worker_of(client, worker.url).active_requests == 0)
+    await wait_for(lambda: worker_of(client, worker.url).active_requests == 0)  # the hung one never answers
+    metrics = await scrape(client)
+    assert sample_value(metrics, "diffusion_router_requests_total", route="/generate", code="499") == 1
 
 
 async def test_client_going_away_mid_download_releases_the_count(spawn_worker, router):
@@ -2011,19 +2014,6 @@ async def test_a_client_that_stops_reading_is_cut_off(spawn_worker, router):
     await wait_for(lambda: worker_of(client, worker.url).active_requests == 0, timeout=10)  # never read
     writer.close()
     assert worker_of(client, worker.url).state == dr.HEALTHY  # the client's fault, not the worker's
-
-
-async def test_a_client_leaving_a_hung_request_frees_its_lease(spawn_worker, router):
-    worker = await spawn_worker(fail_mode="hang")
-    client = await router(worker.url)
-    request = asyncio.ensure_future(client.post("/generate", json=PROMPT))
-    await wait_for(lambda: worker.generations() == 1)
-    request.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await request
-    await wait_for(lambda: worker_of(client, worker.url).active_requests == 0)
-    metrics = await scrape(client)
-    assert sample_value(metrics, "diffusion_router_requests_total", route="/generate", code="499") == 1
 
 
 async def test_a_client_closing_right_after_sending_is_no_router_error(spawn_worker, router, caplog):

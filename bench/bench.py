@@ -558,36 +558,33 @@ def clean(runs: dict[str, list[dict[str, Any]]], target: str) -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def image_throughput(b: Bench, key: str, title: str, image_bytes: int, requests: int, concurrency: int,
+                     warmup: int, metric: str, unit: str, digits: int, floor: float) -> None:
+    """Measure one image-answer throughput scenario and judge router / nginx against a floor."""
+    with b.procs.scope():
+        workers = [start_worker(b.procs, f"worker{i}", image_bytes=image_bytes)[1] for i in range(2)]
+        urls, pids = b.image_targets(workers)
+        n = b.args.scale(requests)
+        runs = b.interleave(key, urls, lambda url: load_cmd(url, n, concurrency, 30, warmup=b.args.scale(warmup)),
+                            pids)
+    value = {t: median([r[metric] for r in rs]) for t, rs in runs.items()}
+    ratio = value["router"] / value["nginx"] if value.get("nginx") else None
+    judged = ratio is not None and clean(runs, "router")
+    b.rows.append(Row(title, unit, fmt(value["router"], digits=digits), fmt(value["direct"], digits=digits),
+                      fmt(value.get("nginx"), digits=digits), fmt(ratio, "x nginx", 2), f">= {floor}x nginx",
+                      ratio >= floor if judged else None, cpu_note(runs) + errors_note(runs)))
+
+
 def scenario_small(b: Bench) -> None:
     """~300 B answers from instant workers, 64 concurrent: requests per second."""
-    with b.procs.scope():
-        workers = [start_worker(b.procs, f"worker{i}", image_bytes=SMALL_IMAGE)[1] for i in range(2)]
-        urls, pids = b.image_targets(workers)
-        n = b.args.scale(5000)
-        runs = b.interleave("small", urls, lambda url: load_cmd(url, n, 64, 30, warmup=b.args.scale(500)), pids)
-    rps = {t: median([r["rps"] for r in rs]) for t, rs in runs.items()}
-    ratio = rps["router"] / rps["nginx"] if rps.get("nginx") else None
-    judged = ratio is not None and clean(runs, "router")
-    b.rows.append(Row("small bodies (~330 B), instant workers, 64 concurrent", "requests/s",
-                      fmt(rps["router"], digits=0), fmt(rps["direct"], digits=0), fmt(rps.get("nginx"), digits=0),
-                      fmt(ratio, "x nginx", 2), ">= 0.15x nginx", ratio >= 0.15 if judged else None,
-                      cpu_note(runs) + errors_note(runs)))
+    image_throughput(b, "small", "small bodies (~330 B), instant workers, 64 concurrent", SMALL_IMAGE,
+                     5000, 64, 500, "rps", "requests/s", 0, 0.15)
 
 
 def scenario_large(b: Bench) -> None:
     """1.5 MB JSON answers, 16 concurrent: MB/s."""
-    with b.procs.scope():
-        workers = [start_worker(b.procs, f"worker{i}", image_bytes=LARGE_IMAGE)[1] for i in range(2)]
-        urls, pids = b.image_targets(workers)
-        n = b.args.scale(300)
-        runs = b.interleave("large", urls, lambda url: load_cmd(url, n, 16, 30, warmup=b.args.scale(32)), pids)
-    mbps = {t: median([r["mb_per_s"] for r in rs]) for t, rs in runs.items()}
-    ratio = mbps["router"] / mbps["nginx"] if mbps.get("nginx") else None
-    judged = ratio is not None and clean(runs, "router")
-    b.rows.append(Row("1.5 MB JSON answers, 16 concurrent", "MB/s",
-                      fmt(mbps["router"]), fmt(mbps["direct"]), fmt(mbps.get("nginx")),
-                      fmt(ratio, "x nginx", 2), ">= 0.6x nginx", ratio >= 0.6 if judged else None,
-                      cpu_note(runs) + errors_note(runs)))
+    image_throughput(b, "large", "1.5 MB JSON answers, 16 concurrent", LARGE_IMAGE,
+                     300, 16, 32, "mb_per_s", "MB/s", 1, 0.6)
 
 
 def scenario_latency(b: Bench) -> None:
