@@ -8,7 +8,7 @@ Endpoints of the router itself (everything else is forwarded to a worker):
 
     POST /generate                    -> a worker's POST /v1/images/generations
     POST /generate_video              -> a worker's POST /v1/videos (async job)
-    GET  /health                      router health (200 with >= 1 available worker, else 503)
+    GET  /health                      router health (200 with >= 1 healthy worker, else 503)
     GET  /health_workers              per-worker state, load and last health error
     POST /add_worker                  register a worker (?url= / ?worker_url= / {"url": ...})
     POST /remove_worker               unregister a worker; in-flight requests finish
@@ -21,6 +21,7 @@ Endpoints of the router itself (everything else is forwarded to a worker):
     GET  /v1/models                   models of every available worker, merged
     GET  /v1/videos                   video jobs of every worker, merged
     GET|DELETE /v1/videos/{id}[/content], GET /v1/images/{id}/content   sent to the owner
+    GET  /metrics                     Prometheus metrics;   GET / or /dashboard   status page
     *    /{path}                      any other request -> the chosen worker, same path and query
 """
 
@@ -29,9 +30,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
-import hmac
 import contextlib
 import errno
+import hmac
 import html
 import io
 import ipaddress
@@ -229,6 +230,7 @@ class Worker:
     sleeping: bool = False
     task_type: str | None = None
     startup_model_path: str | None = None  # what it reports when it holds none of our updates
+    path_after_update: str | None = None  # what it reported right after our last update reached it
     weight_version: int = 0
     active_requests: int = 0
     last_picked: int = 0
@@ -375,6 +377,8 @@ class WorkerPool:
 
     def record_failure(self, worker: Worker, reason: str, *, fatal: bool = False) -> None:
         """Note a failed probe or unreachable worker; quarantine it at the threshold."""
+        if worker.removed:
+            return
         worker.consecutive_failures += 1
         worker.consecutive_successes = 0
         worker.last_error = reason
@@ -603,6 +607,7 @@ CONTROL_BODY = RequestKey("control_body", bytes)
 SESSION = web.AppKey("session", aiohttp.ClientSession)
 PROBE_SESSION = web.AppKey("probe_session", aiohttp.ClientSession)
 TASKS = web.AppKey("tasks", set)
+STOPPING = web.AppKey("stopping", asyncio.Event)
 
 # RFC 9110 section 7.6.1: connection-specific headers never travel past one hop.
 HOP_BY_HOP = frozenset({
@@ -795,7 +800,8 @@ async def proxy(
             break
         if tried:
             pool.metrics.inc("retries_total", route_label(request))
-            pool.metrics.inc("failovers_total", tried[-1].url)
+            if not tried[-1].removed:
+                pool.metrics.inc("failovers_total", tried[-1].url)
         tried.append(target)
         request[WORKER_LABEL] = target.url
         with pool.lease(target):
@@ -894,7 +900,12 @@ async def relay(
     on_response: Callable[[WorkerPool, Worker, bytes], None] | None,
 ) -> web.StreamResponse:
     """Copy the worker's answer to the client: whole when small, streamed otherwise."""
-    if upstream.status < 200:  # 1xx (or nonsense) as a final answer: nothing a client can use
+    if upstream.status == 508 and upstream.headers.get(LOOP_HEADER):  # it sent the request back to us
+        pool = request.app[POOL]
+        if worker.state != QUARANTINED:
+            pool.set_state(worker, QUARANTINED, "routes requests back to this router (a routing loop)")
+            worker.held = True
+    elif upstream.status < 200:  # 1xx (or nonsense) as a final answer: nothing a client can use
         request.app[POOL].record_failure(worker, f"invalid status {upstream.status}")
         return json_error(502, f"worker {worker.url} answered with status {upstream.status}")
     headers = filter_headers(upstream.headers, RESPONSE_DROP)
@@ -907,7 +918,10 @@ async def relay(
             return broken_before_headers(request, worker, exc)
         if on_response is not None and 200 <= upstream.status < 300:
             on_response(request.app[POOL], worker, data)  # small answers only: ids live in job records
-        return web.Response(status=upstream.status, reason=upstream.reason, body=data, headers=headers)
+        response = web.Response(status=upstream.status, reason=upstream.reason, body=data, headers=headers)
+        if len(data) > TRANSPORT_BUFFER:  # the write may wait for the client: send it here, with a deadline
+            await send_within(request, response)
+        return response
     if length is not None:
         headers["Content-Length"] = str(length)
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
@@ -933,6 +947,21 @@ async def relay(
         return response
     await response.write_eof()
     return response
+
+
+TRANSPORT_BUFFER = 64 * 1024  # what the server buffers before a write waits for the client to read
+
+
+async def send_within(request: web.Request, response: web.Response) -> None:
+    """Send a whole response now, cutting off a client that reads nothing for --client-timeout."""
+    timeout = request.app[CONFIG].client_timeout
+    try:
+        await within(timeout, response.prepare(request))
+        await within(timeout, response.write_eof())
+    except asyncio.TimeoutError:
+        log.info("client stopped reading %s %s for %g s: connection closed", request.method, request.path, timeout)
+        if request.transport is not None:
+            request.transport.abort()
 
 
 class ClientGone(Exception):
@@ -1144,7 +1173,7 @@ async def handle_forward(request: web.Request) -> web.StreamResponse:
         return json_error(400, f"{TARGET_HEADER}: {exc}")
     if worker is None:
         return json_error(404, f"{TARGET_HEADER}: worker {target} is not registered")
-    if worker.state != HEALTHY:  # quarantined, or syncing to the fleet's weights
+    if not worker.available:  # quarantined, syncing to the fleet's weights, or asleep
         return json_error(503, f"{TARGET_HEADER}: worker {worker.url} is {worker.display_state}")
     return await proxy(request, worker=worker)
 
@@ -1408,6 +1437,8 @@ async def handle_update_weights(request: web.Request) -> web.Response:
                 elif not worker.removed:
                     pool.set_state(worker, SYNCING, f"weight update {version} failed: {result.error or result.body}")
             log.info("weight update %d reached %d of %d workers", version, len(succeeded), len(targets))
+    if succeeded:
+        await asyncio.gather(*(note_reported_path(app, w) for w in succeeded))
     skipped = [{"url": w.url, "reason": f"{w.display_state}: receives the update before it serves again"}
                for w in pool.workers.values() if w not in targets]
     for worker in pool.workers.values():
@@ -1608,11 +1639,17 @@ canvas { width: 100%; height: 160px; display: block; }
 async def probe(app: web.Application, worker: Worker) -> None:
     """Probe one worker's GET /health and record the outcome."""
     config = app[CONFIG]
+    pool = app[POOL]
     try:
         async with app[PROBE_SESSION].get(
-            worker.url + "/health", timeout=aiohttp.ClientTimeout(total=config.health_check_timeout)
+            worker.url + "/health", headers=app[WORKER_HEADERS],
+            timeout=aiohttp.ClientTimeout(total=config.health_check_timeout),
         ) as response:
             await response.read()
+            if response.status == 508 and response.headers.get(LOOP_HEADER):
+                log.error("worker %s removed: it is this router, or routes back to it", worker.url)
+                pool.remove(worker.url)
+                return
             if not 200 <= response.status < 300:
                 raise ProbeFailed(f"health check answered {response.status}")
     except (aiohttp.ClientError, asyncio.TimeoutError, ProbeFailed) as exc:
@@ -1621,13 +1658,18 @@ async def probe(app: web.Application, worker: Worker) -> None:
             return
         reason = str(exc) if isinstance(exc, ProbeFailed) else f"health check failed: {describe(exc)}"
         log.debug("worker %s: %s", worker.url, reason)
-        app[POOL].metrics.inc("health_probe_failures_total", worker.url)
-        app[POOL].record_failure(worker, reason)
+        if not worker.removed:
+            pool.metrics.inc("health_probe_failures_total", worker.url)
+        pool.record_failure(worker, reason)
         return
-    pool = app[POOL]
     if pool.record_success(worker):
         log.info("worker %s answers health checks again", worker.url)
-        await read_capabilities(app, worker)
+        try:
+            await read_capabilities(app, worker)
+        except ProxyError as exc:  # it is this router, or leads back to it
+            log.error("worker %s removed: %s", worker.url, exc.message)
+            pool.remove(worker.url)
+            return
         begin_rejoin(app, worker, force=True)
     elif worker.state == SYNCING:
         begin_rejoin(app, worker)
@@ -1674,7 +1716,12 @@ async def read_capabilities(app: web.Application, worker: Worker) -> None:
         task_type = None
     if task_type is not None:
         worker.task_type = str(task_type)
-    reported = await reported_model_path(app, worker)
+    info = await call_worker(app, worker, "GET", "/server_info", timeout=timeout)
+    if info.status == 508 and isinstance(info.body, dict) and info.body.get("code") == "routing_loop":
+        raise ProxyError(400, f"{worker.url} routes requests back to this router")
+    reported = info.body.get("model_path") if info.ok and isinstance(info.body, dict) else None
+    if not isinstance(reported, str):
+        reported = None
     weights = app[POOL].weights
     if reported is not None and (weights is None or reported != weights.model_path):
         worker.startup_model_path = reported
@@ -1696,10 +1743,13 @@ async def reported_model_path(app: web.Application, worker: Worker) -> str | Non
 
 
 async def lost_its_weights(app: web.Application, worker: Worker) -> bool:
-    """Tell whether a serving worker reports its startup model again: it restarted since its update."""
-    weights = app[POOL].weights
-    if (weights is None or worker.weight_version == 0 or worker.startup_model_path is None
-            or weights.model_path in (None, worker.startup_model_path)):
+    """Tell whether a serving worker reports its startup model again: it restarted since its update.
+
+    Only for workers seen to report a different path after our update; a worker whose /server_info
+    does not follow updates is never taken for restarted.
+    """
+    if (worker.weight_version == 0 or worker.startup_model_path is None
+            or worker.path_after_update in (None, worker.startup_model_path)):
         return False
     return await reported_model_path(app, worker) == worker.startup_model_path
 
@@ -1718,31 +1768,45 @@ def begin_rejoin(app: web.Application, worker: Worker, *, force: bool = False) -
     pool.set_state(worker, SYNCING, worker.out_reason or f"needs weight version {pool.weight_version}")
     if any(getattr(t, "worker", None) is worker for t in app[TASKS]):
         return
-    spawn(app, resync(app, worker)).worker = worker  # type: ignore[attr-defined]
+    task = spawn(app, resync(app, worker))
+    if task is not None:
+        task.worker = worker  # type: ignore[attr-defined]
 
 
 async def resync(app: web.Application, worker: Worker) -> None:
-    """Send the last successful weight update to a worker; it rejoins only if that succeeds."""
+    """Send the last successful weight update to a worker; it rejoins only if that succeeds.
+
+    No lock is held while the worker loads: a slow or hung worker must not hold up broadcasts, which
+    never target a syncing worker anyway. If a newer update lands meanwhile, that one is sent next.
+    """
     pool = app[POOL]
-    async with pool.weight_lock:
-        weights = pool.weights
-        if worker.removed or worker.state != SYNCING or weights is None:
-            return
+    while (weights := pool.weights) is not None and not worker.removed and worker.state == SYNCING:
         result = await call_worker(app, worker, "POST", "/update_weights_from_disk", body=weights.body,
                                    headers={**app[WORKER_HEADERS], "Content-Type": weights.content_type})
         if worker.removed or worker.state != SYNCING:
             return
-        if result.ok:
-            worker.weight_version = weights.version
-            pool.set_state(worker, HEALTHY)
-            log.info("worker %s resynced to weight version %d", worker.url, weights.version)
-        else:
+        if not result.ok:
             worker.out_reason = f"resync to weight version {weights.version} failed: {result.error or result.body}"
             log.warning("worker %s: %s", worker.url, worker.out_reason)
+            return
+        if pool.weights is weights:
+            worker.weight_version = weights.version
+            await note_reported_path(app, worker)
+            pool.set_state(worker, HEALTHY)
+            log.info("worker %s resynced to weight version %d", worker.url, weights.version)
+            return
 
 
-def spawn(app: web.Application, coro: Any) -> asyncio.Task:
-    """Run a background task that the app cancels when it stops."""
+async def note_reported_path(app: web.Application, worker: Worker) -> None:
+    """Record the model path a worker reports right after an update reached it (restart detection)."""
+    worker.path_after_update = await reported_model_path(app, worker)
+
+
+def spawn(app: web.Application, coro: Any) -> asyncio.Task | None:
+    """Run a background task that the app cancels when it stops; none once it is stopping."""
+    if app[STOPPING].is_set():
+        coro.close()
+        return None
     task = asyncio.get_running_loop().create_task(coro)
     app[TASKS].add(task)
     task.add_done_callback(app[TASKS].discard)
@@ -1759,6 +1823,7 @@ REQUEST_ID_PATTERN = re.compile(r"[A-Za-z0-9._:/+=@-]{1,128}")
 REQUEST_ID_PREFIX = os.urandom(8).hex()
 REQUEST_COUNTER = itertools.count(1)
 QUIET_PATHS = frozenset({"/health", "/metrics"})
+LOOP_HEADER = "X-Diffusion-Router-Loop"
 CLIENT_CLOSED = 499  # nginx's status for "client closed the connection first"; only in logs and metrics
 access_log = logging.getLogger("diffusion_router.access")
 
@@ -1778,6 +1843,7 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     if via is not None and app[VIA] in via:
         response: web.StreamResponse = json_error(508, "request came back to the router that sent it: a worker "
                                                        "URL points at this router", code="routing_loop")
+        response.headers[LOOP_HEADER] = "1"
     elif "%" in target and BAD_PERCENT.search(target):
         response = json_error(400, "invalid percent-encoding in the request target")
     elif active[0] >= app[CONFIG].max_concurrent_requests:
@@ -1805,6 +1871,8 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     seconds = time.monotonic() - started
     route = route_label(request)
     worker = request.get(WORKER_LABEL, "")
+    if worker and worker not in app[POOL].workers:
+        worker = "removed"  # its series were dropped with it; one bounded label for its last requests
     sent = response.body_length if response.prepared else (response.content_length or 0)
     app[POOL].metrics.record_request(route, worker, response.status, seconds, request.get(RECEIVED, 0), sent)
     if request.path not in QUIET_PATHS or app[CONFIG].verbose:
@@ -1931,6 +1999,7 @@ async def background_tasks(app: web.Application):
             raise outcome
     spawn(app, health_loop(app))
     yield
+    app[STOPPING].set()
     tasks = list(app[TASKS])
     for task in tasks:
         task.cancel()
@@ -1956,6 +2025,7 @@ def create_app(config: RouterConfig | None = None) -> web.Application:
     app[CONFIG] = config
     app[POOL] = WorkerPool(config)
     app[TASKS] = set()
+    app[STOPPING] = asyncio.Event()
     app[ACTIVE] = [0]
     app[ALLOWED_HOSTS] = config.allowed_hosts()
     # With keys of its own the router forwards the client's Authorization to no worker.

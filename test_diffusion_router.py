@@ -787,9 +787,9 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def router_process(*args: str, env: dict | None = None):
+async def router_process(*args: str, env: dict | None = None, port: int | None = None):
     """Run the router as a real process on a free port; stop it however the test ends."""
-    port = free_port()
+    port = port or free_port()
     output = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a full pipe would block the router
     proc = subprocess.Popen(
         [sys.executable, os.path.join(HERE, "diffusion_router.py"), "--host", "127.0.0.1", *args],
@@ -1977,17 +1977,26 @@ async def test_the_router_refuses_itself_as_a_worker(router):
     assert pool_of(client).workers == {}
 
 
-async def test_a_loop_between_two_routers_ends_in_508(aiohttp_client, spawn_worker):
+async def test_a_loop_between_two_routers_is_refused_and_cut(aiohttp_client):
     first = await aiohttp_client(dr.create_app(dr.RouterConfig(**QUIET)), server_kwargs=dr.SERVER_OPTIONS)
     second = await aiohttp_client(dr.create_app(dr.RouterConfig(**QUIET)), server_kwargs=dr.SERVER_OPTIONS)
     first_url, second_url = (f"http://127.0.0.1:{c.server.port}" for c in (first, second))
-    assert (await second.post("/add_worker", json={"url": first_url})).status == 201
-    assert (await first.post("/add_worker", json={"url": second_url})).status == 201
+    assert (await first.post("/add_worker", json={"url": second_url})).status == 201  # no loop yet
+    resp = await second.post("/add_worker", json={"url": first_url})  # would close the loop
+    assert resp.status == 400 and "back to this router" in (await resp.json())["error"]
+    assert pool_of(second).workers == {}
+    looped = worker_of(first, second_url)  # the first router saw its request come back: out for good
+    assert looped.state == dr.QUARANTINED and looped.held and "loop" in looped.out_reason
     resp = await first.get("/stats")
-    assert resp.status == 508
-    assert (await resp.json())["code"] == "routing_loop"
+    assert resp.status == 503
     for client in (first, second):
         assert all(w.active_requests == 0 for w in pool_of(client).workers.values())
+
+
+async def test_a_request_coming_back_gets_508(router):
+    client = await router()
+    resp = await client.get("/stats", headers={"Via": f"1.1 proxy, {client.app[dr.VIA]}"})
+    assert resp.status == 508 and (await resp.json())["code"] == "routing_loop"
 
 
 async def test_prompts_cannot_claim_or_evict_job_ids(spawn_worker, router):
@@ -2121,3 +2130,87 @@ async def test_head_of_a_download_passes_headers_only(spawn_worker, router):
     assert await resp.read() == b""
     resp = await client.get(f"/v1/videos/{job['id']}/content")  # the kept-alive connection is still sound
     assert resp.status == 200 and len(await resp.read()) == 100_000
+
+
+async def test_a_hung_resync_does_not_hold_up_weight_updates(spawn_worker, router):
+    a, b = await spawn_worker(), await spawn_worker()
+    client = await router(a.url, b.url)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    await quarantine(client, b)
+    b.behaviour.weight_update_latency = 60  # its replay will not finish during this test
+    b.behaviour.health_status = 200
+    for _ in range(2):
+        await health_round(client)
+    await wait_for(lambda: len([s for s in b.seen if s.path == "/update_weights_from_disk"]) == 2)
+    assert worker_of(client, b.url).state == dr.SYNCING
+    started = time.monotonic()
+    resp = await client.post("/update_weights_from_disk", json={"model_path": "/ckpt/step-200"})
+    assert resp.status == 200 and time.monotonic() - started < 5
+    assert [r["url"] for r in (await resp.json())["results"]] == [a.url]
+    assert pool_of(client).weight_version == 2
+    await b.stop()  # ends the replay that would never finish
+
+
+async def test_workers_whose_metadata_ignores_updates_are_not_reloaded_forever(spawn_worker, router):
+    worker = await spawn_worker(report_updates=False)
+    client = await router(worker.url)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    for _ in range(4):
+        await health_round(client)
+        await settle(client)
+    assert len(worker.state.weight_updates) == 1
+    assert worker_of(client, worker.url).state == dr.HEALTHY
+
+
+async def test_a_router_listing_itself_drops_that_entry_quietly():
+    port = free_port()
+    own_url = f"http://127.0.0.1:{port}"
+    async with router_process("--worker-urls", own_url, "--health-check-interval", "0.1",
+                              "--health-check-success-threshold", "1", port=port) as proc:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 10
+            while True:
+                async with session.get(proc.url + "/list_workers") as resp:
+                    if (await resp.json())["urls"] == []:
+                        break
+                assert time.monotonic() < deadline, "the router kept itself as a worker"
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)  # a few more health rounds
+        proc.proc.send_signal(signal.SIGTERM)
+        assert await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 15) == 0
+        log = proc.log()
+    assert "Traceback" not in log and "health round failed" not in log
+    assert "it is this router, or routes back to it" in log
+
+
+async def test_a_removed_workers_last_requests_add_no_series_back(spawn_worker, router):
+    worker = await spawn_worker(latency=0.3)
+    client = await router(worker.url)
+    pending = asyncio.ensure_future(client.post("/generate", json=PROMPT))
+    await wait_for(lambda: worker.generations() == 1)
+    await client.post("/remove_worker", json={"url": worker.url})
+    assert (await pending).status == 200
+    text = await (await client.get("/metrics")).text()
+    assert worker.url not in text
+    assert 'worker="removed"' in text
+
+
+async def test_no_background_task_starts_once_the_app_is_stopping(aiohttp_client):
+    client = await aiohttp_client(dr.create_app(dr.RouterConfig(**QUIET)))
+    app = client.app
+    await client.close()
+
+    async def never():
+        raise AssertionError("must not run")
+
+    coro = never()
+    assert dr.spawn(app, coro) is None
+    assert coro.cr_frame is None  # closed, never started
+
+
+async def test_target_worker_header_refuses_a_sleeping_worker(spawn_worker, router):
+    worker = await spawn_worker()
+    client = await router(worker.url)
+    await client.post("/release_memory_occupation", json={})
+    resp = await client.post("/v1/diffusion/generate", json={"prompt": "p"}, headers={"X-Target-Worker": worker.url})
+    assert resp.status == 503 and "sleeping" in (await resp.json())["error"]

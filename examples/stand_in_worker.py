@@ -98,6 +98,8 @@ class WorkerBehaviour:
     lora_enabled: bool = _knob(True, "LoRA routes work (off: 500 'Lora is not enabled').")
     sleep_supported: bool = _knob(True, "Release/resume memory work (off: 500).")
     record_requests: bool = _knob(True, "Record every request under SEEN (off for long runs).")
+    report_updates: bool = _knob(True, "Metadata routes report the updated model path (off: always the "
+                                       "startup one, as builds that read it from their launch arguments).")
 
 
 @dataclass(frozen=True)
@@ -508,7 +510,7 @@ async def get_model(request: web.Request) -> web.Response:
 async def metadata(request: web.Request) -> web.Response:
     """Answer /models, /server_info, /model_info, /v1/model_info and /stats."""
     behaviour, task = request.app[BEHAVIOUR], _task(request)
-    model_path = request.app[STATE].model_path
+    model_path = request.app[STATE].model_path if behaviour.report_updates else behaviour.model_path
     bodies = {
         "/models": {"model_path": model_path, "num_gpus": 1, "task_type": task,
                     "dit_precision": "bf16", "vae_precision": "fp32"},
