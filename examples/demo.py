@@ -123,7 +123,7 @@ class Processes:
 
 
 def free_port() -> int:
-    """Return a port the OS says is free on 127.0.0.1 (the router's CLI refuses --port 0)."""
+    """Return a port the OS says is free on 127.0.0.1, so the router's printed command names its port."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
