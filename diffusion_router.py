@@ -1636,27 +1636,36 @@ canvas { width: 100%; height: 160px; display: block; }
 # --------------------------------------------------------------------------------------------
 
 
+async def ask(app: web.Application, worker: Worker, path: str) -> WorkerResult:
+    """GET a small path of a worker over the probe pool, within the probe timeout."""
+    config = app[CONFIG]
+    timeout = aiohttp.ClientTimeout(total=config.health_check_timeout, sock_connect=config.connect_timeout)
+    try:
+        async with app[PROBE_SESSION].get(worker.url + path, headers=app[WORKER_HEADERS], timeout=timeout) as response:
+            return WorkerResult(worker.url, response.status, decode_body(await response.read()))
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return WorkerResult(worker.url, error=describe(exc), exception=exc)
+
+
+def is_loop(result: WorkerResult) -> bool:
+    """Tell whether an answer is this router's (or another's) routing-loop error."""
+    return result.status == 508 and isinstance(result.body, dict) and result.body.get("code") == "routing_loop"
+
+
 async def probe(app: web.Application, worker: Worker) -> None:
     """Probe one worker's GET /health and record the outcome."""
-    config = app[CONFIG]
     pool = app[POOL]
-    try:
-        async with app[PROBE_SESSION].get(
-            worker.url + "/health", headers=app[WORKER_HEADERS],
-            timeout=aiohttp.ClientTimeout(total=config.health_check_timeout),
-        ) as response:
-            await response.read()
-            if response.status == 508 and response.headers.get(LOOP_HEADER):
-                log.error("worker %s removed: it is this router, or routes back to it", worker.url)
-                pool.remove(worker.url)
-                return
-            if not 200 <= response.status < 300:
-                raise ProbeFailed(f"health check answered {response.status}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, ProbeFailed) as exc:
-        if out_of_descriptors(exc):  # the router's own shortage says nothing about the worker
+    result = await ask(app, worker, "/health")
+    if is_loop(result):
+        log.error("worker %s removed: it is this router, or routes back to it", worker.url)
+        pool.remove(worker.url)
+        return
+    if not result.ok:
+        if result.exception is not None and out_of_descriptors(result.exception):
             log.error("health check of %s skipped: the router is out of file descriptors", worker.url)
-            return
-        reason = str(exc) if isinstance(exc, ProbeFailed) else f"health check failed: {describe(exc)}"
+            return  # the router's own shortage says nothing about the worker
+        reason = (f"health check failed: {result.error}" if result.error is not None
+                  else f"health check answered {result.status}")
         log.debug("worker %s: %s", worker.url, reason)
         if not worker.removed:
             pool.metrics.inc("health_probe_failures_total", worker.url)
@@ -1680,10 +1689,6 @@ async def probe(app: web.Application, worker: Worker) -> None:
         begin_rejoin(app, worker)
 
 
-class ProbeFailed(Exception):
-    """A health probe that got an answer, but not a good one."""
-
-
 async def health_round(app: web.Application) -> None:
     """Probe every registered worker once, concurrently."""
     workers = list(app[POOL].workers.values())
@@ -1701,45 +1706,40 @@ async def health_loop(app: web.Application) -> None:
 
 
 async def read_capabilities(app: web.Application, worker: Worker) -> None:
-    """Learn the worker's task type from GET /v1/models; leave it unknown if the worker can't say."""
-    config = app[CONFIG]
-    timeout = aiohttp.ClientTimeout(total=config.health_check_timeout, sock_connect=config.connect_timeout)
-    result = await call_worker(app, worker, "GET", "/v1/models", timeout=timeout)
-    if result.status == 508 and isinstance(result.body, dict) and result.body.get("code") == "routing_loop":
+    """Learn the worker's task type (GET /v1/models) and startup model path (GET /server_info).
+
+    Raise ProxyError(400) when the address leads back to this router; quarantine a worker that
+    refuses the connection (nothing serves there yet).
+    """
+    models = await ask(app, worker, "/v1/models")
+    if is_loop(models):
         raise ProxyError(400, f"{worker.url} is this router itself (or routes back to it)")
-    if result.exception is not None and is_refused(result.exception):  # nothing serves there (yet)
-        app[POOL].record_failure(worker, f"unreachable: {result.error}", fatal=True)
+    if models.exception is not None and is_refused(models.exception):
+        app[POOL].record_failure(worker, f"unreachable: {models.error}", fatal=True)
         return
     try:
-        task_type = result.body["data"][0]["task_type"] if result.ok else None
+        task_type = models.body["data"][0]["task_type"] if models.ok else None
     except (KeyError, IndexError, TypeError):
         task_type = None
     if task_type is not None:
         worker.task_type = str(task_type)
-    info = await call_worker(app, worker, "GET", "/server_info", timeout=timeout)
-    if info.status == 508 and isinstance(info.body, dict) and info.body.get("code") == "routing_loop":
+    info = await ask(app, worker, "/server_info")  # a router passes this path on to one of its workers
+    if is_loop(info):
         raise ProxyError(400, f"{worker.url} routes requests back to this router")
-    reported = info.body.get("model_path") if info.ok and isinstance(info.body, dict) else None
-    if not isinstance(reported, str):
-        reported = None
+    reported = model_path_in(info)
     weights = app[POOL].weights
     if reported is not None and (weights is None or reported != weights.model_path):
         worker.startup_model_path = reported
 
 
+def model_path_in(result: WorkerResult) -> str | None:
+    path = result.body.get("model_path") if result.ok and isinstance(result.body, dict) else None
+    return path if isinstance(path, str) else None
+
+
 async def reported_model_path(app: web.Application, worker: Worker) -> str | None:
     """Return the model path the worker's GET /server_info reports (a weight update changes it)."""
-    config = app[CONFIG]
-    try:
-        async with app[PROBE_SESSION].get(
-            worker.url + "/server_info", headers=app[WORKER_HEADERS],
-            timeout=aiohttp.ClientTimeout(total=config.health_check_timeout),
-        ) as response:
-            body = decode_body(await response.read()) if response.status == 200 else None
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return None
-    path = body.get("model_path") if isinstance(body, dict) else None
-    return path if isinstance(path, str) else None
+    return model_path_in(await ask(app, worker, "/server_info"))
 
 
 async def lost_its_weights(app: web.Application, worker: Worker) -> bool:
