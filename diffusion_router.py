@@ -1838,6 +1838,7 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     request[REQUEST_ID] = request_id
     app = request.app
     active = app[ACTIVE]
+    cancelled: asyncio.CancelledError | None = None
     target = request.raw_path
     via = request.headers.get("Via")
     if via is not None and app[VIA] in via:
@@ -1858,11 +1859,8 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
             response = json_error(exc.status, exc.reason)
         except (ConnectionError, asyncio.CancelledError) as exc:  # the client went away mid-request
             log.info("request %s %s %s: client left (%s)", request_id, request.method, request.path, describe(exc))
-            app[POOL].metrics.record_request(route_label(request), request.get(WORKER_LABEL, ""), CLIENT_CLOSED,
-                                             time.monotonic() - started, request.get(RECEIVED, 0), 0)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            return web.Response(status=CLIENT_CLOSED)  # never sent: there is no one to send it to
+            response = web.Response(status=CLIENT_CLOSED)  # only counted and logged: no one to send it to
+            cancelled = exc if isinstance(exc, asyncio.CancelledError) else None
         except Exception:
             log.exception("request %s %s %s failed inside the router", request_id, request.method, request.path)
             response = json_error(500, "internal router error")
@@ -1878,6 +1876,8 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     if request.path not in QUIET_PATHS or app[CONFIG].verbose:
         access_log.info("%s %s %s %d %s %.3fs %d", request_id, request.method, request.path_qs, response.status,
                         worker or "-", seconds, sent)
+    if cancelled is not None:
+        raise cancelled
     return response
 
 
