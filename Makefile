@@ -24,7 +24,7 @@ run: install  ## start the router; workers from WORKERS="http://gpu1:10090 http:
 test: install  ## run the test suite
 	$(PYTEST) $(PYTEST_FLAGS) test_diffusion_router.py
 
-demo: install  ## two stand-in workers, the router, the README's example requests; stops all it started
+demo: install  ## stand-in workers, the router, the README's example requests; stops all it started
 	$(PY) examples/demo.py
 
 clean:

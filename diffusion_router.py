@@ -842,14 +842,15 @@ def describe(exc: BaseException) -> str:
 
 
 def no_worker_error(pool: WorkerPool, kind: str | None) -> web.Response:
-    """Explain why no worker can take a request."""
-    live = [w for w in pool.workers.values() if w.state == HEALTHY and not w.removed]
+    """Explain why no worker can take a request: 400 only when no registered worker ever could."""
+    registered = list(pool.workers.values())
+    if kind is not None and registered and not any(w.serves(kind) for w in registered):
+        types = sorted({w.task_type or "unknown" for w in registered})
+        return json_error(400, f"no worker can serve {kind} requests (worker task types: {', '.join(types)})")
+    live = [w for w in registered if w.state == HEALTHY and w.serves(kind)]
     if live and all(w.sleeping for w in live):
         return json_error(503, "every worker is asleep; POST /resume_memory_occupation to wake them")
-    if kind is not None and live and not any(w.serves(kind) for w in live):
-        types = sorted({w.task_type or "unknown" for w in live})
-        return json_error(400, f"no worker can serve {kind} requests (worker task types: {', '.join(types)})")
-    return json_error(503, "no available worker")
+    return json_error(503, "no available worker" + (f" for {kind} requests" if kind and registered else ""))
 
 
 async def forward(

@@ -2214,3 +2214,12 @@ async def test_target_worker_header_refuses_a_sleeping_worker(spawn_worker, rout
     await client.post("/release_memory_occupation", json={})
     resp = await client.post("/v1/diffusion/generate", json={"prompt": "p"}, headers={"X-Target-Worker": worker.url})
     assert resp.status == 503 and "sleeping" in (await resp.json())["error"]
+
+
+async def test_a_capable_worker_that_is_only_out_for_now_gives_503_not_400(spawn_worker, router):
+    image, video = await spawn_worker(task_type="T2I"), await spawn_worker(task_type="T2V")
+    client = await router(image.url, video.url)
+    await quarantine(client, image)
+    resp = await client.post("/generate", json=PROMPT)
+    assert resp.status == 503 and "image" in (await resp.json())["error"]  # retry later, not a bad request
+    assert (await client.post("/generate_video", json={"prompt": "p"})).status == 200
