@@ -1825,6 +1825,7 @@ REQUEST_ID_PREFIX = os.urandom(8).hex()
 REQUEST_COUNTER = itertools.count(1)
 QUIET_PATHS = frozenset({"/health", "/metrics"})
 LOOP_HEADER = "X-Diffusion-Router-Loop"
+MAX_HEADERS = 100
 CLIENT_CLOSED = 499  # nginx's status for "client closed the connection first"; only in logs and metrics
 access_log = logging.getLogger("diffusion_router.access")
 
@@ -1848,6 +1849,8 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
         response.headers[LOOP_HEADER] = "1"
     elif "%" in target and BAD_PERCENT.search(target):
         response = json_error(400, "invalid percent-encoding in the request target")
+    elif len(request.headers) > MAX_HEADERS:  # some aiohttp versions set no limit of their own
+        response = json_error(431, f"more than {MAX_HEADERS} request headers")
     elif active[0] >= app[CONFIG].max_concurrent_requests:
         response = json_error(503, "router is at its limit of concurrent requests")
     else:
