@@ -240,6 +240,8 @@ class Worker:
     last_checked: float | None = None
     out_reason: str | None = None
     held: bool = False  # quarantined by an operator: probes do not bring it back
+    registering: bool = False  # its capabilities are being read: probes leave its state alone
+    served: bool = False  # has been in the pool before (so coming back counts as a recovery)
     removed: bool = False
 
     @property
@@ -394,12 +396,13 @@ class WorkerPool:
         """Move a worker to a state, logging only real changes."""
         if worker.state != state:
             log.info("worker %s %s -> %s%s", worker.url, worker.state, state, f": {reason}" if reason else "")
-            if state == HEALTHY:
+            if state == HEALTHY and worker.served:
                 self.metrics.inc("recoveries_total", worker.url)
             elif state == QUARANTINED:
                 self.metrics.inc("quarantines_total", worker.url)
         worker.state = state
         worker.out_reason = reason
+        worker.served = worker.served or state == HEALTHY
         if state != QUARANTINED:
             worker.consecutive_successes = 0
 
@@ -408,6 +411,9 @@ class WorkerPool:
     def remember_jobs(self, worker: Worker, job_ids: Iterable[str]) -> None:
         """Record which worker owns each job or file id, dropping the oldest past the bound."""
         for job_id in job_ids:
+            if worker.removed:  # its answer arrived after it was removed
+                self.remember_orphan(job_id, worker.url)
+                continue
             if self.job_owner.setdefault(job_id, worker) is not worker:  # the first owner keeps its id
                 continue
             self.job_owner.move_to_end(job_id)
@@ -1184,8 +1190,10 @@ async def handle_sticky(request: web.Request) -> web.StreamResponse:
     pool = request.app[POOL]
     job_id = request.match_info["job_id"]
     owner = pool.job_owner.get(job_id)
+    if owner is None and (gone := pool.orphaned_jobs.get(job_id)) in pool.workers:
+        owner = pool.workers[gone]  # its worker was removed and added again: the job may still be there
+        pool.remember_jobs(owner, [job_id])
     if owner is None:
-        gone = pool.orphaned_jobs.get(job_id)
         if gone is not None:
             return json_error(410, f"the worker of {job_id} ({gone}) was removed; the job is gone",
                               code="job_worker_gone")
@@ -1261,7 +1269,9 @@ async def handle_memory(request: web.Request) -> web.Response:
     targets = [w for w in pool.workers.values() if w.reachable or (w.sleeping and not release)]
     if not targets:
         return json_error(503, "no worker to put to sleep" if release else "no worker to wake")
-    results = await broadcast(request, targets, request.path, await read_small_body(request))
+    async with pool.weight_lock:  # never in the middle of a weight load; a wake then sees the new version
+        targets = [w for w in targets if not w.removed]
+        results = await broadcast(request, targets, request.path, await read_small_body(request))
     for worker, result in zip(targets, results):
         if not result.ok:
             continue
@@ -1389,14 +1399,19 @@ async def admit_worker(app: web.Application, url: str) -> tuple[Worker, bool]:
     if created or worker.state == QUARANTINED:
         worker.consecutive_failures = 0
         worker.held = False
-        pool.set_state(worker, HEALTHY)
+        # Out of the pool until its task type is known and it holds the fleet's weights.
+        pool.set_state(worker, SYNCING, "registering: reading its capabilities")
+        worker.registering = True
         try:
             await read_capabilities(app, worker)
         except ProxyError:
             pool.remove(url)
             raise
+        finally:
+            worker.registering = False
         if worker.state != QUARANTINED:  # it may have refused the capability read
-            begin_rejoin(app, worker, force=not created)
+            worker.out_reason = None
+            begin_rejoin(app, worker, force=True)
     return worker, created
 
 
@@ -1681,7 +1696,7 @@ async def probe(app: web.Application, worker: Worker) -> None:
             pool.remove(worker.url)
             return
         begin_rejoin(app, worker, force=True)
-    elif worker.state == SYNCING:
+    elif worker.state == SYNCING and not worker.registering:
         begin_rejoin(app, worker)
     elif worker.state == HEALTHY and await lost_its_weights(app, worker):
         log.warning("worker %s restarted and lost weight version %d", worker.url, worker.weight_version)
@@ -1761,8 +1776,8 @@ def begin_rejoin(app: web.Application, worker: Worker, *, force: bool = False) -
     A worker already syncing leaves that state only through a successful resync.
     """
     pool = app[POOL]
-    if worker.state != SYNCING and (
-            pool.weights is None or (worker.weight_version >= pool.weight_version and not force)):
+    if pool.weights is None or (
+            worker.state != SYNCING and not force and worker.weight_version >= pool.weight_version):
         pool.set_state(worker, HEALTHY)
         worker.weight_version = pool.weight_version
         return

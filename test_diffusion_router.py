@@ -2223,3 +2223,57 @@ async def test_a_capable_worker_that_is_only_out_for_now_gives_503_not_400(spawn
     resp = await client.post("/generate", json=PROMPT)
     assert resp.status == 503 and "image" in (await resp.json())["error"]  # retry later, not a bad request
     assert (await client.post("/generate_video", json={"prompt": "p"})).status == 200
+
+
+async def test_a_worker_being_registered_takes_no_traffic(spawn_worker, router):
+    a = await spawn_worker(task_type="T2I")
+    b = await spawn_worker(task_type="T2V", models_delay=0.5)  # slow to say what it serves
+    client = await router(a.url)
+    assert (await client.post("/update_weights_from_disk", json=UPDATE)).status == 200
+    adding = asyncio.ensure_future(client.post("/add_worker", json={"url": b.url}))
+    await wait_for(lambda: b.url in pool_of(client).workers)
+    assert not worker_of(client, b.url).available
+    for _ in range(6):
+        resp = await client.post("/generate", json=PROMPT)
+        assert resp.status == 200 and resp.headers["X-Weight-Version"] == "1"
+    assert (await adding).status == 201
+    await settle(client)
+    assert b.generations() == 0 and b.state.weight_updates == [UPDATE]
+    assert worker_of(client, b.url).state == dr.HEALTHY and worker_of(client, b.url).task_type == "T2V"
+
+
+async def test_a_wake_during_a_weight_update_waits_and_resyncs_the_sleepers(spawn_worker, router):
+    a, b = await spawn_worker(weight_update_latency=0.4), await spawn_worker()
+    client = await router(a.url, b.url)
+    await client.session.post(b.url + "/release_memory_occupation", json={})
+    worker_of(client, b.url).sleeping = True
+    update = asyncio.ensure_future(client.post("/update_weights_from_disk", json=UPDATE))
+    await wait_for(lambda: "/update_weights_from_disk" in a.paths())
+    resp = await client.post("/resume_memory_occupation", json={})
+    assert resp.status == 200 and (await update).status == 200
+    await settle(client)
+    assert b.state.weight_updates == [UPDATE] and worker_of(client, b.url).weight_version == 1
+
+
+async def test_a_sleep_during_a_weight_update_waits_for_it(spawn_worker, router):
+    a, b = await spawn_worker(weight_update_latency=0.4), await spawn_worker(weight_update_latency=0.4)
+    client = await router(a.url, b.url)
+    update = asyncio.ensure_future(client.post("/update_weights_from_disk", json=UPDATE))
+    await wait_for(lambda: "/update_weights_from_disk" in a.paths())
+    sleep = await client.post("/release_memory_occupation", json={})
+    assert (await update).status == 200 and sleep.status == 200
+    assert a.state.weight_updates == b.state.weight_updates == [UPDATE]
+    assert a.state.sleeping and b.state.sleeping
+
+
+async def test_files_made_by_a_worker_removed_mid_request_follow_its_url(spawn_worker, router):
+    worker = await spawn_worker(latency=0.3)
+    client = await router(worker.url)
+    pending = asyncio.ensure_future(client.post("/generate", json={"prompt": "p", "response_format": "url"}))
+    await wait_for(lambda: worker.generations() == 1)
+    await client.post("/remove_worker", json={"url": worker.url})
+    url = (await (await pending).json())["data"][0]["url"]
+    resp = await client.get(url)
+    assert resp.status == 410 and (await resp.json())["code"] == "job_worker_gone"
+    await client.post("/add_worker", json={"url": worker.url})
+    assert (await client.get(url)).status == 200  # the same worker is back, and still has the file

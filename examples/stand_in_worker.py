@@ -93,6 +93,7 @@ class WorkerBehaviour:
                                         "200 non-JSON, or never answer.", choices=FAIL_MODES)
     health_status: int = _knob(200, "Status of /health and /health_generate.")
     health_delay: float = _knob(0.0, "Seconds the health probes wait before answering.")
+    models_delay: float = _knob(0.0, "Seconds GET /v1/models waits before answering.")
     weight_update_status: int | None = _knob(None, "Weight updates fail with this status.")
     weight_update_latency: float = _knob(0.0, "Seconds a weight update takes.")
     lora_enabled: bool = _knob(True, "LoRA routes work (off: 500 'Lora is not enabled').")
@@ -494,6 +495,8 @@ def _card(request: web.Request) -> dict[str, Any]:
 
 async def list_models(request: web.Request) -> web.Response:
     """List the served model."""
+    if request.app[BEHAVIOUR].models_delay > 0:
+        await asyncio.sleep(request.app[BEHAVIOUR].models_delay)
     return web.json_response({"object": "list", "data": [_card(request)]})
 
 
