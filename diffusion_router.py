@@ -1590,7 +1590,7 @@ canvas { width: 100%; height: 160px; display: block; }
     ctx.fillText(max.toFixed(1) + "/s", 4, 12 * dpr);
     ctx.fillText("0", 4, h - 6 * dpr);
     ctx.fillText("now", w - 26 * dpr, h - 6 * dpr);
-    ctx.fillText("-5 min", w / 2 - 18 * dpr, h - 6 * dpr);
+    ctx.fillText("-2.5 min", w / 2 - 22 * dpr, h - 6 * dpr);
     [["rps", "#2e90fa"], ["eps", "#f04438"]].forEach(function (s) {
       ctx.strokeStyle = s[1]; ctx.lineWidth = 2 * (window.devicePixelRatio || 1); ctx.beginPath();
       history.forEach(function (p, i) {
