@@ -603,7 +603,7 @@ REQUEST_DROP_KEY = web.AppKey("request_drop", frozenset)
 ALLOWED_HOSTS = web.AppKey("allowed_hosts", tuple)
 WORKER_HEADERS = web.AppKey("worker_headers", dict)  # Via, and the worker key: on every request to workers
 VIA = web.AppKey("via", str)
-ACTIVE = web.AppKey("active", list)
+ACTIVE = web.AppKey("active", set)
 # Per-request values; web.RequestKey where this aiohttp has it (3.13+), plain names before.
 RequestKey = getattr(web, "RequestKey", lambda name, kind: f"diffusion_router.{name}")
 REQUEST_ID = RequestKey("request_id", str)
@@ -1333,7 +1333,7 @@ async def handle_health_workers(request: web.Request) -> web.Response:
     return web.json_response({
         "weight_version": pool.weight_version,
         "totals": {"requests": pool.metrics.requests, "errors": pool.metrics.errors,
-                   "in_flight": request.app[ACTIVE][0] - 1, "tracked_jobs": len(pool.job_owner)},
+                   "in_flight": len(request.app[ACTIVE]) - 1, "tracked_jobs": len(pool.job_owner)},
         "workers": [w.describe() for w in pool.workers.values()],
     })
 
@@ -1854,7 +1854,7 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
         request_id = f"{REQUEST_ID_PREFIX}{next(REQUEST_COUNTER):016x}"
     request[REQUEST_ID] = request_id
     app = request.app
-    active = app[ACTIVE]
+    active = app[ACTIVE]  # the handler tasks of the requests being handled
     cancelled: asyncio.CancelledError | None = None
     target = request.raw_path
     via = request.headers.get("Via")
@@ -1866,10 +1866,11 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
         response = json_error(400, "invalid percent-encoding in the request target")
     elif len(request.headers) > MAX_HEADERS:  # some aiohttp versions set no limit of their own
         response = json_error(431, f"more than {MAX_HEADERS} request headers")
-    elif active[0] >= app[CONFIG].max_concurrent_requests:
+    elif len(active) >= app[CONFIG].max_concurrent_requests:
         response = json_error(503, "router is at its limit of concurrent requests")
     else:
-        active[0] += 1
+        task = asyncio.current_task()
+        active.add(task)
         try:
             response = await handler(request)
         except web.HTTPException as exc:  # aiohttp's own errors (413 from read(), ...) as JSON
@@ -1884,7 +1885,7 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
             log.exception("request %s %s %s failed inside the router", request_id, request.method, request.path)
             response = json_error(500, "internal router error")
         finally:
-            active[0] -= 1
+            active.discard(task)
     seconds = time.monotonic() - started
     route = route_label(request)
     worker = request.get(WORKER_LABEL, "")
@@ -2005,7 +2006,16 @@ async def client_sessions(app: web.Application):
 
 async def announce_shutdown(app: web.Application) -> None:
     log.info("shutting down: no new connections; waiting up to %g s for %d in-flight request(s)",
-             app[CONFIG].shutdown_timeout, app[ACTIVE][0])
+             app[CONFIG].shutdown_timeout, len(app[ACTIVE]))
+    # aiohttp waits the timeout for handlers to finish, then as long again for cancelled ones to end;
+    # a handler waiting on a worker does not notice that cancel, so end the stragglers ourselves.
+    asyncio.get_running_loop().call_later(app[CONFIG].shutdown_timeout, cancel_handlers, app)
+
+
+def cancel_handlers(app: web.Application) -> None:
+    """Cancel the requests still running when the shutdown timeout ends."""
+    for task in list(app[ACTIVE]):
+        task.cancel()
 
 
 async def background_tasks(app: web.Application):
@@ -2045,7 +2055,7 @@ def create_app(config: RouterConfig | None = None) -> web.Application:
     app[POOL] = WorkerPool(config)
     app[TASKS] = set()
     app[STOPPING] = asyncio.Event()
-    app[ACTIVE] = [0]
+    app[ACTIVE] = set()
     app[ALLOWED_HOSTS] = config.allowed_hosts()
     # With keys of its own the router forwards the client's Authorization to no worker.
     app[REQUEST_DROP_KEY] = REQUEST_DROP | {"authorization"} if config.keys_required else REQUEST_DROP

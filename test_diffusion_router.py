@@ -2277,3 +2277,17 @@ async def test_files_made_by_a_worker_removed_mid_request_follow_its_url(spawn_w
     assert resp.status == 410 and (await resp.json())["code"] == "job_worker_gone"
     await client.post("/add_worker", json={"url": worker.url})
     assert (await client.get(url)).status == 200  # the same worker is back, and still has the file
+
+
+async def test_shutdown_takes_no_longer_than_the_shutdown_timeout(spawn_worker):
+    worker = await spawn_worker(fail_mode="hang")
+    async with router_process("--worker-urls", worker.url, "--shutdown-timeout", "1") as proc:
+        async with aiohttp.ClientSession() as session:
+            request = asyncio.ensure_future(session.post(proc.url + "/generate", json=PROMPT))
+            await wait_for(lambda: worker.generations() == 1)
+            started = time.monotonic()
+            proc.proc.send_signal(signal.SIGTERM)
+            assert await asyncio.get_running_loop().run_in_executor(None, proc.proc.wait, 15) == 0
+            assert time.monotonic() - started < 1.9  # not twice the timeout
+            with pytest.raises(aiohttp.ClientError):
+                await request
