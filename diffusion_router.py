@@ -343,12 +343,17 @@ class WorkerPool:
         """Return the workers that may take a new request of this kind."""
         return [w for w in self.workers.values() if w.available and w.serves(kind)]
 
+    def reachable(self) -> list[Worker]:
+        """Return the workers that may be asked about what they hold (not quarantined)."""
+        return [w for w in self.workers.values() if w.reachable]
+
     # selection and leases -------------------------------------------------------------------
 
-    def pick(self, kind: str | None, exclude: Iterable[Worker] = ()) -> Worker | None:
+    def pick(self, kind: str | None, exclude: Sequence[Worker] = ()) -> Worker | None:
         """Choose a worker for a new request with the configured policy, or None."""
-        excluded = set(exclude)
-        candidates = [w for w in self.workers.values() if w.available and w.serves(kind) and w not in excluded]
+        candidates = self.available(kind)
+        if exclude:
+            candidates = [w for w in candidates if w not in exclude]
         return self.policy(candidates) if candidates else None
 
     @contextlib.contextmanager
@@ -387,15 +392,19 @@ class WorkerPool:
         worker.last_checked = time.time()
         threshold = self.config.health_check_failure_threshold
         if worker.state != QUARANTINED and (fatal or worker.consecutive_failures >= threshold):
-            worker.state = QUARANTINED
-            worker.out_reason = reason
-            self.metrics.inc("quarantines_total", worker.url)
-            log.warning("worker %s quarantined: %s", worker.url, reason)
+            self.set_state(worker, QUARANTINED, reason)
+
+    def hold(self, worker: Worker, reason: str) -> None:
+        """Quarantine a worker until an operator lets it back; good probes do not."""
+        if worker.state != QUARANTINED:
+            self.set_state(worker, QUARANTINED, reason)
+            worker.held = True
 
     def set_state(self, worker: Worker, state: str, reason: str | None = None) -> None:
         """Move a worker to a state, logging only real changes."""
         if worker.state != state:
-            log.info("worker %s %s -> %s%s", worker.url, worker.state, state, f": {reason}" if reason else "")
+            log.log(logging.WARNING if state == QUARANTINED else logging.INFO, "worker %s %s -> %s%s",
+                    worker.url, worker.state, state, f": {reason}" if reason else "")
             if state == HEALTHY and worker.served:
                 self.metrics.inc("recoveries_total", worker.url)
             elif state == QUARANTINED:
@@ -567,7 +576,8 @@ class Metrics:
         for w in workers:
             for state in ("healthy", "quarantined", "syncing", "sleeping"):
                 value = int(w.display_state == state)
-                lines.append(f"diffusion_router_worker_state{format_labels(('worker', 'state'), (w.url, state))} {value}")
+                labels = format_labels(("worker", "state"), (w.url, state))
+                lines.append(f"diffusion_router_worker_state{labels} {value}")
         family("worker_weight_version", "gauge", "Weight version each worker holds.")
         lines += [f"diffusion_router_worker_weight_version{format_labels(('worker',), (w.url,))} {w.weight_version}"
                   for w in workers]
@@ -669,9 +679,9 @@ def route_label(request: web.Request) -> str:
     return canonical
 
 
-def json_error(status: int, message: str, **extra: Any) -> web.Response:
+def json_error(status: int, message: str, *, headers: dict[str, str] | None = None, **extra: Any) -> web.Response:
     """Return the router's own error response."""
-    return web.json_response({"error": message, **extra}, status=status)
+    return web.json_response({"error": message, **extra}, status=status, headers=headers)
 
 
 def filter_headers(headers: CIMultiDictProxy[str] | CIMultiDict[str], drop: frozenset[str]) -> CIMultiDict[str]:
@@ -882,16 +892,14 @@ async def forward(
         )
     except DIAL_ERRORS:
         raise
-    except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as exc:
-        if body.failure is not None:
-            raise body.failure from None
-        log.warning("worker %s timed out on %s %s: %r", worker.url, request.method, path_qs, exc)
-        raise ProxyError(504, f"worker {worker.url} timed out") from None
-    except (aiohttp.ClientError, ProxyError, OSError) as exc:
+    except (aiohttp.ClientError, ProxyError, OSError, asyncio.TimeoutError) as exc:
         if body.failure is not None:  # the client's fault, not the worker's
             raise body.failure from None
         if isinstance(exc, ProxyError):
             raise
+        if isinstance(exc, asyncio.TimeoutError):
+            log.warning("worker %s timed out on %s %s: %r", worker.url, request.method, path_qs, exc)
+            raise ProxyError(504, f"worker {worker.url} timed out") from None
         log.warning("worker %s failed on %s %s: %r", worker.url, request.method, path_qs, exc)
         pool.record_failure(worker, f"request failed: {describe(exc)}")
         raise ProxyError(502, f"worker {worker.url} failed: {exc.__class__.__name__}") from None
@@ -909,9 +917,7 @@ async def relay(
     """Copy the worker's answer to the client: whole when small, streamed otherwise."""
     if upstream.status == 508 and upstream.headers.get(LOOP_HEADER):  # it sent the request back to us
         pool = request.app[POOL]
-        if worker.state != QUARANTINED:
-            pool.set_state(worker, QUARANTINED, "routes requests back to this router (a routing loop)")
-            worker.held = True
+        pool.hold(worker, "routes requests back to this router (a routing loop)")
     elif upstream.status < 200:  # 1xx (or nonsense) as a final answer: nothing a client can use
         request.app[POOL].record_failure(worker, f"invalid status {upstream.status}")
         return json_error(502, f"worker {worker.url} answered with status {upstream.status}")
@@ -1227,7 +1233,7 @@ def merged_list(results: Sequence[WorkerResult], items: list[Any]) -> web.Respon
 
 async def handle_list_videos(request: web.Request) -> web.Response:
     """List the video jobs of every worker, merged and ordered as one worker would."""
-    workers = [w for w in request.app[POOL].workers.values() if w.reachable]
+    workers = request.app[POOL].reachable()
     if not workers:
         return json_error(503, "no available worker")
     try:
@@ -1249,7 +1255,7 @@ def listed(result: WorkerResult) -> list[Any]:
 
 async def handle_models(request: web.Request) -> web.Response:
     """List the models of every available worker, without duplicates."""
-    workers = [w for w in request.app[POOL].workers.values() if w.available]
+    workers = request.app[POOL].available()
     if not workers:
         return json_error(503, "no available worker")
     results = await fan_out(request, workers)
@@ -1294,7 +1300,7 @@ async def handle_broadcast(request: web.Request) -> web.Response:
     payload = await json_object(request, LORA_BODIES[request.path], empty_ok=request.path != "/v1/set_lora")
     if request.path == "/v1/set_lora":
         require_field(payload, "lora_nickname", LORA_BODIES[request.path], lists=True)
-    targets = [w for w in request.app[POOL].workers.values() if w.available]
+    targets = request.app[POOL].available()
     if not targets:
         return json_error(503, "no available worker")
     return broadcast_response(await broadcast(request, targets, request.path, await read_small_body(request)))
@@ -1303,7 +1309,7 @@ async def handle_broadcast(request: web.Request) -> web.Response:
 async def handle_checksum(request: web.Request) -> web.Response:
     """Ask every worker for its weight checksums and say whether they all agree."""
     await json_object(request, 'JSON like {"module_names": ["transformer"]}', empty_ok=True)
-    targets = [w for w in request.app[POOL].workers.values() if w.reachable]
+    targets = request.app[POOL].reachable()
     if not targets:
         return json_error(503, "no worker to ask")
     results = await broadcast(request, targets, request.path, await read_small_body(request))
@@ -1416,7 +1422,11 @@ async def admit_worker(app: web.Application, url: str) -> tuple[Worker, bool]:
 
 
 async def handle_remove_worker(request: web.Request) -> web.Response:
-    url = await worker_url_from(request)
+    return remove_worker(request, await worker_url_from(request))
+
+
+def remove_worker(request: web.Request, url: str) -> web.Response:
+    """Unregister a worker; answer how many of its requests are still finishing, or 404."""
     worker = request.app[POOL].remove(url)
     if worker is None:
         return json_error(404, f"worker {url} is not registered")
@@ -1430,7 +1440,7 @@ async def handle_update_weights(request: web.Request) -> web.Response:
     require_field(await json_object(request, expected), "model_path", expected)
     body = await read_small_body(request)  # forwarded as sent, byte for byte
     async with pool.weight_lock:
-        targets = [w for w in pool.workers.values() if w.available]
+        targets = pool.available()
         if not targets:
             return json_error(503, "no available worker to update")
         pool.updates_idle.clear()
@@ -1500,12 +1510,10 @@ async def handle_rest_worker(request: web.Request) -> web.Response:
     flag = await quarantine_flag(request) if request.method == "PUT" else None
     worker = worker_from_path(request)
     if request.method == "DELETE":
-        pool.remove(worker.url)
-        return web.json_response({"status": "removed", "url": worker.url, "in_flight": worker.active_requests})
+        return remove_worker(request, worker.url)
     if flag is not None:
-        if flag and worker.state != QUARANTINED:
-            pool.set_state(worker, QUARANTINED, "quarantined by an operator")
-            worker.held = True
+        if flag:
+            pool.hold(worker, "quarantined by an operator")
         elif not flag and worker.state == QUARANTINED:
             await admit_worker(app, worker.url)
     return web.json_response(worker.describe())
@@ -1859,9 +1867,9 @@ async def observe(request: web.Request, handler: Callable) -> web.StreamResponse
     target = request.raw_path
     via = request.headers.get("Via")
     if via is not None and app[VIA] in via:
-        response: web.StreamResponse = json_error(508, "request came back to the router that sent it: a worker "
-                                                       "URL points at this router", code="routing_loop")
-        response.headers[LOOP_HEADER] = "1"
+        response: web.StreamResponse = json_error(
+            508, "request came back to the router that sent it: a worker URL points at this router",
+            headers={LOOP_HEADER: "1"}, code="routing_loop")
     elif "%" in target and BAD_PERCENT.search(target):
         response = json_error(400, "invalid percent-encoding in the request target")
     elif len(request.headers) > MAX_HEADERS:  # some aiohttp versions set no limit of their own
@@ -1949,8 +1957,8 @@ async def authorize(request: web.Request, handler: Callable) -> web.StreamRespon
     elif api_key is None or same_key(token, api_key) or same_key(token, admin_key):
         return await handler(request)
     log.warning("refused %s %s from %s: missing or wrong API key", request.method, request.path, request.remote)
-    return web.json_response({"error": "missing or invalid API key (Authorization: Bearer <key>)"}, status=401,
-                             headers={"WWW-Authenticate": "Bearer"})
+    return json_error(401, "missing or invalid API key (Authorization: Bearer <key>)",
+                      headers={"WWW-Authenticate": "Bearer"})
 
 
 def own(*, forwards: bool = False, **handlers: Callable) -> Callable:
@@ -1973,8 +1981,7 @@ def own(*, forwards: bool = False, **handlers: Callable) -> Callable:
     async def dispatch(request: web.Request) -> web.StreamResponse:
         handler = handlers.get(request.method)
         if handler is None:
-            return web.json_response({"error": f"method {request.method} not allowed on {request.path}"},
-                                     status=405, headers={"Allow": allowed})
+            return json_error(405, f"method {request.method} not allowed on {request.path}", headers={"Allow": allowed})
         if forwards:
             return await run(handler, request)
         return await asyncio.shield(run(handler, request))
